@@ -1,0 +1,24 @@
+"""Architecture adapters (one module per family). Importing this package registers them all."""
+
+from . import bert, gpt2, gpt_neox, llama, mistral, qwen2  # noqa: F401  (registration side effects)
+from .base import (
+    ArchAdapter,
+    ParamSpec,
+    Sizes,
+    base_prefix,
+    get_adapter,
+    has_tied_head,
+    register_adapter,
+    supported_model_types,
+)
+
+__all__ = [
+    "ArchAdapter",
+    "ParamSpec",
+    "Sizes",
+    "base_prefix",
+    "get_adapter",
+    "has_tied_head",
+    "register_adapter",
+    "supported_model_types",
+]

@@ -1,0 +1,285 @@
+"""Architecture adapters: map a Hugging Face model's parameters to growth *roles* and *spaces*.
+
+An adapter is declarative data. For every parameter tensor of a family it gives a :class:`ParamSpec`:
+the parameter's role (``q``, ``down``, ``final_norm`` ...) and, for each tensor dimension, an *axis
+tag* that says which space the dimension lives in and how it relates to the data flow:
+
+==================  ============================================================================
+axis tag            meaning
+==================  ============================================================================
+``hidden.out``      the tensor *writes* the residual stream along this dim (embeddings, ``o``,
+                    ``down`` and their biases)
+``hidden.in``       the tensor *reads* the residual stream along this dim (``q/k/v``, ``up``,
+                    ``gate``, LM head)
+``hidden.gain``     elementwise norm gain (LayerNorm/RMSNorm weight)
+``hidden.shift``    elementwise norm shift (LayerNorm bias)
+``ffn.out``         produces FFN units (``up``/``gate`` rows and biases)
+``ffn.in``          consumes FFN units (``down`` columns)
+``q.out``           query heads x head_dim produced (``q`` rows and bias)
+``k.out``/``v.out`` key/value heads x head_dim produced
+``o.in``            attention heads x head_dim consumed by the output projection
+``qkv.out``         fused q|k|v output; its layout is the adapter's ``fused_qkv`` field
+``None``            a dimension that never grows (vocab, positions, token types)
+==================  ============================================================================
+
+Nothing outside ``progtrain.arch`` knows a family by name: growth operators only read these tags.
+Adding a family is a new module in this package that calls :func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+from ..errors import UnsupportedArchitectureError
+
+logger = logging.getLogger(__name__)
+
+AXIS_TAGS = frozenset(
+    {
+        "hidden.out",
+        "hidden.in",
+        "hidden.gain",
+        "hidden.shift",
+        "ffn.out",
+        "ffn.in",
+        "q.out",
+        "k.out",
+        "v.out",
+        "o.in",
+        "qkv.out",
+    }
+)
+
+# Roles whose output is added to the residual stream inside a block: zero them and the block is the
+# identity in a pre-norm model.
+BLOCK_OUTPUT_ROLES = frozenset({"o", "down"})
+# Role of the norm whose output only the LM head reads (scaled by 1/k under tiling with a tied head).
+HEAD_INPUT_NORM_ROLE = "final_norm"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """What one parameter tensor is: its role and one axis tag (or ``None``) per dimension."""
+
+    role: str
+    axes: tuple[str | None, ...]
+
+    def __post_init__(self) -> None:
+        for a in self.axes:
+            if a is not None and a not in AXIS_TAGS:
+                raise ValueError(f"unknown axis tag {a!r} in ParamSpec({self.role!r})")
+
+
+def P(role: str, *axes: str | None) -> ParamSpec:
+    """Shorthand constructor: ``P("q", "q.out", "hidden.in")``."""
+    return ParamSpec(role, tuple(axes))
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The growable sizes of a model. ``head_dim`` is per attention head; ``ffn`` is the number of
+    FFN intermediate units; ``kv_heads`` equals ``heads`` for families without grouped-query attention."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    layers: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "hidden_size": self.hidden,
+            "num_heads": self.heads,
+            "num_kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.ffn,
+            "num_layers": self.layers,
+        }
+
+
+@dataclass
+class ArchAdapter:
+    """Declarative description of one model family.
+
+    Parameter names are matched *relative to the base model* (``model.base_model``) for ``params``
+    and ``layer_params`` and relative to the top-level model for ``head_params``.
+
+    Attributes:
+        name: family name used in messages and growth records.
+        model_types: ``config.model_type`` values this adapter handles.
+        layers_path: path of the ``nn.ModuleList`` of blocks inside the base model.
+        params: non-layer base-model parameters (embeddings, final norm).
+        layer_params: per-block parameters, relative to ``{layers_path}.{i}.``.
+        head_params: task-head parameters (LM head, MLM transform, pooler lives in ``params``).
+        config_keys: config attribute for each size: ``hidden``, ``heads``, ``kv_heads`` (None =
+            no GQA), ``ffn``, ``layers``, ``head_dim`` (None = head_dim is hidden/heads), ``norm_eps``.
+        norm: ``"layernorm"`` or ``"rmsnorm"``.
+        pre_norm: True when every block reads the stream through a norm and adds its output back
+            (GPT-2, Llama); False for post-norm (BERT), where identity blocks and non-integer
+            widening are approximate.
+        rotary: True when positions are rotary (head_dim must stay fixed).
+        fused_qkv: layout of a fused q|k|v projection: ``"concat"`` ([q|k|v] along the output, GPT-2)
+            or ``"per_head"`` ((heads, 3, head_dim), GPT-NeoX); None when q, k, v are separate.
+        per_layer_config_keys: config attributes holding one entry per layer (rebuilt on depth growth).
+        default_ffn: computes the FFN size when the config leaves it implicit (GPT-2 ``n_inner=None``).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layers_path: str
+    params: dict[str, ParamSpec]
+    layer_params: dict[str, ParamSpec]
+    head_params: dict[str, ParamSpec]
+    config_keys: dict[str, str | None]
+    norm: str
+    pre_norm: bool
+    rotary: bool = False
+    fused_qkv: str | None = None
+    per_layer_config_keys: tuple[str, ...] = ("layer_types",)
+    default_ffn: Callable[[PretrainedConfig], int] | None = None
+    _layer_re: re.Pattern | None = field(default=None, init=False, repr=False)
+
+    # ------------------------------------------------------------------ sizes and config
+    def read_sizes(self, config: PretrainedConfig) -> Sizes:
+        """Read the growable sizes from an HF config."""
+        k = self.config_keys
+        hidden = int(getattr(config, k["hidden"]))
+        heads = int(getattr(config, k["heads"]))
+        kv = getattr(config, k["kv_heads"], None) if k.get("kv_heads") else None
+        kv = heads if kv is None else int(kv)
+        hd = getattr(config, k["head_dim"], None) if k.get("head_dim") else None
+        hd = hidden // heads if hd is None else int(hd)
+        ffn = getattr(config, k["ffn"], None)
+        if ffn is None:
+            if self.default_ffn is None:
+                raise UnsupportedArchitectureError(f"{self.name}: config has no {k['ffn']}")
+            ffn = self.default_ffn(config)
+        layers = int(getattr(config, k["layers"]))
+        return Sizes(hidden, heads, kv, hd, int(ffn), layers)
+
+    def head_dim_is_free(self) -> bool:
+        """True when head_dim is its own config key (Llama family), False when it is hidden/heads."""
+        return bool(self.config_keys.get("head_dim"))
+
+    def write_config(
+        self, config: PretrainedConfig, sizes: Sizes, eps_scale: float, layer_sources: list[int]
+    ) -> PretrainedConfig:
+        """Return a deep copy of ``config`` at ``sizes``.
+
+        ``eps_scale`` multiplies the norm epsilon (non-integer widening); ``layer_sources[i]`` is the
+        old layer whose per-layer config entries new layer ``i`` takes.
+        """
+        new = copy.deepcopy(config)
+        k = self.config_keys
+        setattr(new, k["hidden"], sizes.hidden)
+        setattr(new, k["heads"], sizes.heads)
+        if k.get("kv_heads"):
+            setattr(new, k["kv_heads"], sizes.kv_heads)
+        if k.get("head_dim"):
+            setattr(new, k["head_dim"], sizes.head_dim)
+        setattr(new, k["ffn"], sizes.ffn)
+        setattr(new, k["layers"], sizes.layers)
+        if eps_scale != 1.0 and k.get("norm_eps"):
+            setattr(new, k["norm_eps"], float(getattr(config, k["norm_eps"])) * eps_scale)
+        old_layers = int(getattr(config, k["layers"]))
+        for key in self.per_layer_config_keys:
+            old = getattr(config, key, None)
+            if isinstance(old, (list, tuple)) and len(old) == old_layers:
+                setattr(new, key, [old[s] for s in layer_sources])
+        return new
+
+    # ------------------------------------------------------------------ parameter mapping
+    def _layer_pattern(self) -> re.Pattern:
+        if self._layer_re is None:
+            self._layer_re = re.compile(rf"^{re.escape(self.layers_path)}\.(\d+)\.(.+)$")
+        return self._layer_re
+
+    def classify(self, name: str, base_prefix: str) -> tuple[ParamSpec, int | None, str]:
+        """Map a top-level parameter name to ``(spec, layer_index or None, suffix)``.
+
+        Raises :class:`UnsupportedArchitectureError` for a parameter the adapter does not describe.
+        """
+        if name in self.head_params:
+            return self.head_params[name], None, name
+        rel = name[len(base_prefix) + 1 :] if base_prefix and name.startswith(base_prefix + ".") else name
+        if rel in self.params:
+            return self.params[rel], None, rel
+        m = self._layer_pattern().match(rel)
+        if m and m.group(2) in self.layer_params:
+            return self.layer_params[m.group(2)], int(m.group(1)), m.group(2)
+        raise UnsupportedArchitectureError(
+            f"parameter {name!r} is not described by the {self.name} adapter (a task head or module "
+            f"progtrain does not know). Grow the base model or a supported head "
+            f"(causal LM / masked LM / base model), or add it to progtrain/arch/{self.name}.py"
+        )
+
+    def layer_param_name(self, base_prefix: str, layer: int, suffix: str) -> str:
+        rel = f"{self.layers_path}.{layer}.{suffix}"
+        return f"{base_prefix}.{rel}" if base_prefix else rel
+
+
+_REGISTRY: dict[str, ArchAdapter] = {}
+
+
+def register_adapter(adapter: ArchAdapter) -> ArchAdapter:
+    """Register an adapter for each of its ``model_types``."""
+    for t in adapter.model_types:
+        _REGISTRY[t] = adapter
+    return adapter
+
+
+def supported_model_types() -> list[str]:
+    """The ``config.model_type`` values progtrain can grow."""
+    return sorted(_REGISTRY)
+
+
+def base_prefix(model: PreTrainedModel) -> str:
+    """The attribute name of the base model inside a task model ('' for a base model)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and hasattr(model, prefix) and getattr(model, prefix) is not model:
+        return prefix
+    return ""
+
+
+def get_adapter(model_or_config: PreTrainedModel | PretrainedConfig) -> ArchAdapter:
+    """The adapter for a model or config; a clear error for an unsupported family."""
+    config = getattr(model_or_config, "config", model_or_config)
+    mt = getattr(config, "model_type", None)
+    if mt not in _REGISTRY:
+        raise UnsupportedArchitectureError(
+            f"model_type {mt!r} is not supported by progtrain. Supported: "
+            f"{', '.join(supported_model_types())}. To add a family, write an adapter module in "
+            f"progtrain/arch/ (see progtrain/arch/llama.py)."
+        )
+    return _REGISTRY[mt]
+
+
+def iter_params(model: PreTrainedModel) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """Named parameters without duplicates (a tied LM head appears once, under the embedding)."""
+    yield from model.named_parameters(remove_duplicate=True)
+
+
+def has_tied_head(model: PreTrainedModel) -> bool:
+    """True when the model's output embedding shares its weight with the input embedding."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None:
+        return False
+    return out.weight is model.get_input_embeddings().weight
+
+
+def check_config_supported(adapter: ArchAdapter, config: PretrainedConfig, checks: Mapping[str, Any]) -> None:
+    """Raise when ``config`` has a feature value the adapter does not handle (``checks``: attr -> allowed)."""
+    for attr, allowed in checks.items():
+        val = getattr(config, attr, allowed)
+        if val != allowed:
+            raise UnsupportedArchitectureError(
+                f"{adapter.name}: config.{attr}={val!r} is not supported (progtrain handles {allowed!r})"
+            )

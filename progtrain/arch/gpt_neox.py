@@ -1,0 +1,46 @@
+"""GPT-NeoX / Pythia (``GPTNeoXModel``, ``GPTNeoXForCausalLM``): pre-LayerNorm, parallel residual,
+partial rotary positions, fused ``query_key_value`` laid out per head as (heads, 3, head_dim),
+head_dim = hidden_size / num_attention_heads, untied ``embed_out`` head."""
+
+from .base import ArchAdapter, P, register_adapter
+
+GPT_NEOX = register_adapter(
+    ArchAdapter(
+        name="gpt_neox",
+        model_types=("gpt_neox",),
+        layers_path="layers",
+        params={
+            "embed_in.weight": P("embed", None, "hidden.out"),
+            "final_layer_norm.weight": P("final_norm", "hidden.gain"),
+            "final_layer_norm.bias": P("final_norm", "hidden.shift"),
+        },
+        layer_params={
+            "input_layernorm.weight": P("norm", "hidden.gain"),
+            "input_layernorm.bias": P("norm", "hidden.shift"),
+            "post_attention_layernorm.weight": P("norm", "hidden.gain"),
+            "post_attention_layernorm.bias": P("norm", "hidden.shift"),
+            "attention.query_key_value.weight": P("qkv", "qkv.out", "hidden.in"),
+            "attention.query_key_value.bias": P("qkv", "qkv.out"),
+            "attention.dense.weight": P("o", "hidden.out", "o.in"),
+            "attention.dense.bias": P("o", "hidden.out"),
+            "mlp.dense_h_to_4h.weight": P("up", "ffn.out", "hidden.in"),
+            "mlp.dense_h_to_4h.bias": P("up", "ffn.out"),
+            "mlp.dense_4h_to_h.weight": P("down", "hidden.out", "ffn.in"),
+            "mlp.dense_4h_to_h.bias": P("down", "hidden.out"),
+        },
+        head_params={"embed_out.weight": P("head", None, "hidden.in"), "lm_head.weight": P("head", None, "hidden.in")},
+        config_keys={
+            "hidden": "hidden_size",
+            "heads": "num_attention_heads",
+            "kv_heads": None,
+            "ffn": "intermediate_size",
+            "layers": "num_hidden_layers",
+            "head_dim": None,
+            "norm_eps": "layer_norm_eps",
+        },
+        norm="layernorm",
+        pre_norm=True,
+        rotary=True,
+        fused_qkv="per_head",
+    )
+)

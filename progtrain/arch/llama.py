@@ -1,0 +1,56 @@
+"""Llama (``LlamaModel``, ``LlamaForCausalLM``): pre-RMSNorm, rotary positions, SwiGLU FFN
+(gate/up/down), grouped-query attention with an explicit ``head_dim``, tied or untied LM head,
+optional attention/MLP biases.
+
+:func:`llama_like` builds the adapter for any family with Llama's module layout (Mistral, Qwen2 ...):
+their modules only import it and register their ``model_type``.
+"""
+
+from .base import ArchAdapter, P, register_adapter
+
+
+def llama_like(name: str, model_types: tuple[str, ...]) -> ArchAdapter:
+    """An adapter for a family laid out like ``LlamaModel`` (``model.layers.{i}.self_attn.q_proj`` ...)."""
+    return ArchAdapter(
+        name=name,
+        model_types=model_types,
+        layers_path="layers",
+        params={
+            "embed_tokens.weight": P("embed", None, "hidden.out"),
+            "norm.weight": P("final_norm", "hidden.gain"),
+        },
+        layer_params={
+            "input_layernorm.weight": P("norm", "hidden.gain"),
+            "self_attn.q_proj.weight": P("q", "q.out", "hidden.in"),
+            "self_attn.q_proj.bias": P("q", "q.out"),
+            "self_attn.k_proj.weight": P("k", "k.out", "hidden.in"),
+            "self_attn.k_proj.bias": P("k", "k.out"),
+            "self_attn.v_proj.weight": P("v", "v.out", "hidden.in"),
+            "self_attn.v_proj.bias": P("v", "v.out"),
+            "self_attn.o_proj.weight": P("o", "hidden.out", "o.in"),
+            "self_attn.o_proj.bias": P("o", "hidden.out"),
+            "post_attention_layernorm.weight": P("norm", "hidden.gain"),
+            "mlp.gate_proj.weight": P("gate", "ffn.out", "hidden.in"),
+            "mlp.gate_proj.bias": P("gate", "ffn.out"),
+            "mlp.up_proj.weight": P("up", "ffn.out", "hidden.in"),
+            "mlp.up_proj.bias": P("up", "ffn.out"),
+            "mlp.down_proj.weight": P("down", "hidden.out", "ffn.in"),
+            "mlp.down_proj.bias": P("down", "hidden.out"),
+        },
+        head_params={"lm_head.weight": P("head", None, "hidden.in")},
+        config_keys={
+            "hidden": "hidden_size",
+            "heads": "num_attention_heads",
+            "kv_heads": "num_key_value_heads",
+            "ffn": "intermediate_size",
+            "layers": "num_hidden_layers",
+            "head_dim": "head_dim",
+            "norm_eps": "rms_norm_eps",
+        },
+        norm="rmsnorm",
+        pre_norm=True,
+        rotary=True,
+    )
+
+
+LLAMA = register_adapter(llama_like("llama", ("llama",)))

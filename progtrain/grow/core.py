@@ -1,0 +1,229 @@
+"""``grow()``: turn a Hugging Face model into a larger model of the same class.
+
+Data flows one way: GrowthSpec -> adapter (roles, spaces) -> space maps and axis plans (constrained
+blocks) -> init strategy (free blocks) -> a model of the same HF class with a new config.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from transformers import PreTrainedModel
+
+from .. import arch  # noqa: F401  (registers adapters)
+from .. import init as _init  # noqa: F401  (registers strategies)
+from ..arch.base import BLOCK_OUTPUT_ROLES, Sizes, base_prefix, get_adapter, has_tied_head, iter_params
+from ..errors import ProgtrainConfigError
+from ..init.base import GrowthContext, TensorGrowth, get_strategy
+from .plan import FREE, ZERO, ParamMap, SpaceMaps, apply_plans
+from .spec import GrowthSpec, new_layer_positions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GrowthResult:
+    """What :func:`grow` returns.
+
+    Attributes:
+        model: the grown model (same class as the input, new config, same dtype and train/eval mode).
+        source_sizes / target_sizes: the sizes before and after.
+        param_maps: grown parameter name -> :class:`ParamMap` (for optimizer-state surgery and
+            birth-stage bookkeeping).
+        maps: the :class:`SpaceMaps` of this growth.
+        exact: True when the growth preserves the function in exact arithmetic.
+        notes: why it is not exact (empty when exact).
+        deviation: the measured max |delta logits| (see :func:`progtrain.verify.measure_deviation`),
+            or None when ``verify=False``.
+        record: JSON-serialisable growth-history entry.
+    """
+
+    model: PreTrainedModel
+    source_sizes: Sizes
+    target_sizes: Sizes
+    param_maps: dict[str, ParamMap]
+    maps: SpaceMaps
+    exact: bool
+    notes: list[str]
+    deviation: dict | None
+    record: dict = field(default_factory=dict)
+
+
+def _fan_in(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> int:
+    """Inputs per output unit: product of the sizes of the tensor's input axes (1 for a vector)."""
+    if len(shape) < 2:
+        return 1
+    n = 1
+    for size, tag in zip(shape, axes):
+        if tag is not None and (tag.endswith(".in")):
+            n *= size
+    if n == 1:  # embeddings: fan-in is the one-hot vocab axis
+        n = shape[0] if axes[0] is None else shape[-1]
+    return n
+
+
+def grow(
+    model: PreTrainedModel,
+    spec: GrowthSpec | dict | None = None,
+    *,
+    init: str | Any = "function_preserving",
+    init_kwargs: dict | None = None,
+    seed: int = 0,
+    verify: bool = True,
+    data: Any = None,
+    **sizes: Any,
+) -> GrowthResult:
+    """Grow ``model`` to the sizes in ``spec`` (or keyword arguments such as ``hidden_size=768``).
+
+    Args:
+        model: a supported ``transformers`` model (base model, causal LM or masked LM).
+        spec: a :class:`GrowthSpec`, a dict of its fields, or None to use ``**sizes``.
+        init: name of a registered init strategy (``progtrain.init.available_strategies()``) or an
+            :class:`~progtrain.init.InitStrategy` instance.
+        init_kwargs: options of the strategy.
+        seed: seeds the symmetry-breaking noise and the strategy's random draws.
+        verify: measure max |delta logits| between the old and grown model on random tokens (fp32).
+        data: batches for data-driven strategies (GradInit, splitting, GradMax).
+
+    Returns:
+        A :class:`GrowthResult`; the input model is not modified.
+
+    Raises:
+        ProgtrainConfigError: bad sizes, unsupported architecture or strategy; raised before any
+            tensor is built.
+    """
+    t0 = time.perf_counter()
+    if spec is None:
+        spec = GrowthSpec(**sizes)
+    elif isinstance(spec, dict):
+        spec = GrowthSpec.from_dict({**spec, **sizes})
+    elif sizes:
+        raise ProgtrainConfigError("pass either a GrowthSpec or size keywords, not both")
+    if not isinstance(model, PreTrainedModel):
+        raise ProgtrainConfigError(
+            f"grow() takes a transformers PreTrainedModel, got {type(model).__name__}; unwrap it first "
+            f"(accelerator.unwrap_model(model))"
+        )
+    adapter = get_adapter(model)
+    src = adapter.read_sizes(model.config)
+    tgt = spec.resolve(src, adapter)
+    strategy = get_strategy(init, **(init_kwargs or {}))
+    prefix = base_prefix(model)
+    tied = has_tied_head(model)
+
+    old_params = dict(iter_params(model))
+    classified = {n: adapter.classify(n, prefix) for n in old_params}  # raises on unknown params
+    positions = new_layer_positions(src.layers, tgt.layers, spec.layer_placement)
+    maps = SpaceMaps.build(adapter, src, tgt, strategy.preserves_function, tied, positions)
+    new_config = adapter.write_config(model.config, tgt, maps.eps_scale, maps.layer_src)
+    new_config.architectures = [type(model).__name__]
+
+    with init_empty_weights():
+        new_model = type(model)(new_config)
+    if tied:
+        new_model.tie_weights()
+    new_prefix = base_prefix(new_model)
+    gen = torch.Generator().manual_seed(seed)
+    ctx = GrowthContext(old_model=model, new_model=None, maps=maps, param_maps={}, data=data)
+    strategy.before(ctx)
+
+    state: dict[str, torch.Tensor] = {}
+    param_maps: dict[str, ParamMap] = {}
+    noise = spec.symmetry_noise if strategy.preserves_function else 0.0
+    for name, p_new in iter_params(new_model):
+        pspec, layer, suffix = adapter.classify(name, new_prefix)
+        new_layer = False
+        if layer is None:
+            old_name = name if name in old_params else None
+            if old_name is None:
+                raise ProgtrainConfigError(f"grown model has parameter {name!r} with no source in the old model")
+        else:
+            new_layer = maps.layer_new[layer]
+            old_name = adapter.layer_param_name(prefix, maps.layer_src[layer], suffix)
+        old = old_params[old_name]
+        plans = [maps.plan(tag, pspec.role) if tag else None for tag in pspec.axes]
+        value, status = apply_plans(old, plans, noise, gen)
+        if new_layer:
+            if not strategy.preserves_function:
+                status.fill_(FREE)
+                value.zero_()
+            elif pspec.role in BLOCK_OUTPUT_ROLES:
+                status.fill_(ZERO)
+                value.zero_()
+        if tuple(value.shape) != tuple(p_new.shape):
+            raise RuntimeError(f"{name}: built {tuple(value.shape)}, model expects {tuple(p_new.shape)}")
+        pmap = ParamMap(old_name, plans, new_layer, tuple(value.shape))
+        born = pmap.born_mask()
+        tg = TensorGrowth(
+            name=name,
+            role=pspec.role,
+            axes=pspec.axes,
+            value=value,
+            free=status == FREE,
+            born=born,
+            old=old.detach().float(),
+            fan_in_old=_fan_in(tuple(old.shape), pspec.axes),
+            fan_in_new=_fan_in(tuple(value.shape), pspec.axes),
+            new_layer=new_layer,
+            config=new_config,
+            generator=gen,
+        )
+        strategy.init_tensor(tg)
+        state[name] = tg.value.to(old.dtype)
+        param_maps[name] = pmap
+
+    missing, unexpected = new_model.load_state_dict(state, strict=False, assign=True)
+    still_meta = [n for n, p in new_model.named_parameters() if p.is_meta]
+    if unexpected:
+        raise RuntimeError(f"unexpected keys when loading the grown state: {unexpected}")
+    if tied or still_meta:
+        new_model.tie_weights()
+        still_meta = [n for n, p in new_model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise RuntimeError(f"parameters left unset after growth: {still_meta}")
+    new_model.train(model.training)
+    ctx.new_model = new_model
+    ctx.param_maps = param_maps
+    strategy.after(ctx)
+
+    notes = maps.exactness_notes() + list(ctx.report.get("notes", []))
+    exact = not notes
+    deviation = None
+    if verify:
+        from ..verify import measure_deviation
+
+        deviation = measure_deviation(model, new_model, maps=maps, seed=seed)
+        msg = (
+            f"grow {adapter.name}: max|dlogits| = {deviation['max_abs']:.3e} "
+            f"({deviation['rel']:.3e} of max|logits|)"
+        )
+        if exact:
+            logger.info(msg + " [exact]")
+        else:
+            logger.warning(msg + " [approximate: " + "; ".join(notes) + "]")
+    record = {
+        "family": adapter.name,
+        "model_class": type(model).__name__,
+        "source": src.as_dict(),
+        "target": tgt.as_dict(),
+        "layer_placement": spec.layer_placement if isinstance(spec.layer_placement, str) else list(spec.layer_placement),
+        "new_layer_positions": positions,
+        "hidden_mode": maps.hidden_mode,
+        "hidden_index_map": [int(i) for i in maps.plan("hidden.out", "").src] if maps.hidden_mode != "same" else None,
+        "init": strategy.describe(),
+        "seed": seed,
+        "symmetry_noise": noise,
+        "exact": exact,
+        "notes": notes,
+        "deviation": deviation,
+        "strategy_report": {k: v for k, v in ctx.report.items() if k != "notes"},
+        "params_before": sum(p.numel() for p in old_params.values()),
+        "params_after": sum(p.numel() for _, p in iter_params(new_model)),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return GrowthResult(new_model, src, tgt, param_maps, maps, exact, notes, deviation, record)
