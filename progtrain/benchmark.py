@@ -158,9 +158,10 @@ def markdown_table(summary: dict[str, Any]) -> str:
     if not summary["reached"]:
         rows.append(("progressive best loss above L* by", _fmt(summary["miss"], summary["miss_std"], ".4f")))
     if summary.get("loop_overhead_ratio") is not None:
-        rows.append(("progtrain loop steps/s vs plain Accelerate loop", f"{summary['loop_overhead_ratio']:.3f}"))
+        rows.append(("progtrain loop overhead: steps/s lost vs a plain Accelerate loop", f"{100 * summary['loop_overhead_ratio']:.1f}%"))
     if summary.get("growth_event_fraction") is not None:
-        rows.append(("largest growth event, fraction of run wall time", _fmt(summary["growth_event_fraction"], summary["growth_event_fraction_std"], ".4f")))
+        rows.append(("largest growth event, fraction of the progressive run's wall time",
+                     _fmt(summary["growth_event_fraction"], summary["growth_event_fraction_std"], ".4f")))
     lines = ["| metric | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(lines) + "\n"
 

@@ -233,6 +233,7 @@ class ProgressiveTrainer:
         cfg, acc = self.cfg, self.acc
         st = cfg.stages[idx - 1]
         before = self._eval() if self.val_dl is not None else None
+        t0 = time.perf_counter()
         full = self.D.gather_full_state(acc, self.model, self.opt)
         strategy = get_strategy(st.init, **(st.init_kwargs or {}))
         data = None
@@ -255,9 +256,11 @@ class ProgressiveTrainer:
         if st.lr_scales is not None and self.lr_scales is not None:
             self._birth_scale_cache = self.lr_scales.compute_lr_scales(
                 res.model, self.births, mode=st.lr_scales.mode, clamp=tuple(st.lr_scales.clamp), group=st.lr_scales.group)
+        growth_s = time.perf_counter() - t0  # gather, grow, optimizer surgery, rebuild; not the two evaluations
         after = self._eval() if self.val_dl is not None else None
         self._log(event="growth", name=st.name, val_loss_before=before, val_loss_after=after, exact=res.exact,
-                  params=self.n_params, sizes=res.target_sizes.as_dict(), deviation=(res.deviation or {}).get("rel"))
+                  params=self.n_params, sizes=res.target_sizes.as_dict(), deviation=(res.deviation or {}).get("rel"),
+                  growth_s=round(growth_s, 4))
         if before is not None:
             logger.info("growth to stage %d (%s) at step %d: val loss %.6f -> %.6f", idx, st.name, self.step, before, after)
         self._checkpoint(boundary=True)

@@ -1,0 +1,283 @@
+"""Progressive training against training the target size from scratch, side by side in one run.
+
+For each seed, back to back on the same machine:
+
+1. **scratch**: the progressive config's *final* model (same HF config) trained from step 0, with the
+   same data order, optimizer, LR schedule family and total tokens, at its own best LR (from a sweep
+   stored in ``benchmarks/results/lr_sweep_<preset>.json``; rerun it with ``--sweep-lr``);
+2. **progressive**: the preset's growth schedule, which ends at that model.
+
+Both runs go through progtrain's engine and log cumulative FLOPs, wall seconds, tokens and validation
+loss (``metrics.jsonl``). The report (:mod:`progtrain.benchmark`) takes L* = scratch's final validation
+loss and interpolates the FLOPs and wall seconds each run needed to first reach it.
+
+The toolkit's own cost is measured too: a fixed-size run (the final model, no evaluation, no
+checkpoints) through progtrain's loop against a plain Accelerate loop written here (same model, data,
+optimizer and schedule), as the fraction of steps/s lost; and each growth event's wall time
+(gather, grow, optimizer surgery, rebuild) as a fraction of the progressive run's wall time.
+
+    OMP_NUM_THREADS=1 python benchmarks/progressive_vs_scratch.py                 # tiny GPT-2, CPU
+    python benchmarks/progressive_vs_scratch.py --preset bert                     # tiny BERT (masked LM)
+    python benchmarks/progressive_vs_scratch.py --preset gpu-small                # GPT-2-small size, 1 GPU
+    python benchmarks/progressive_vs_scratch.py --sweep-lr                        # re-sweep the scratch LR
+
+Writes ``<out>/progressive_vs_scratch.json``, ``.md``, ``loss_vs_flops.png`` and ``loss_vs_wallclock.png``
+(``<out>`` defaults to ``benchmarks/results`` for the default preset, ``benchmarks/results/<preset>``
+otherwise); the training runs go to ``--work-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+logger = logging.getLogger("progressive_vs_scratch")
+
+# preset -> progressive run config (its final stage is the scratch model) and the scratch LR sweep factors
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"config": HERE / "configs" / "gpt2_tiny.yaml", "overhead_steps": 80},
+    "bert": {"config": HERE / "configs" / "bert_tiny.yaml", "overhead_steps": 80},
+    "gpu-small": {"config": HERE / "configs" / "gpt2_small_gpu.yaml", "overhead_steps": 200},
+}
+SWEEP_FACTORS = (0.5, 1.0, 2.0)
+
+
+# ---------------------------------------------------------------------- configs
+def scratch_dict(prog: dict) -> dict:
+    """The scratch run of a progressive run config dict: no stages, and a fresh model with the HF
+    config of the progressive run's last stage (checked size for size)."""
+    from progtrain.arch import get_adapter
+    from progtrain.train.config import from_dict
+    from progtrain.train.flops import stage_configs
+
+    cfg = from_dict(copy.deepcopy(prog))
+    final = stage_configs(cfg)[-1]
+    keep = {k: v for k, v in final.to_diff_dict().items()
+            if k not in ("architectures", "transformers_version", "model_type", "vocab_size", "_name_or_path",
+                         "pad_token_id", "bos_token_id", "eos_token_id", "dtype", "torch_dtype")}
+    d = copy.deepcopy(prog)
+    d["stages"] = []
+    d["model"]["config"] = keep
+    sizes = get_adapter(final).read_sizes(final).as_dict()
+    from progtrain.train.config import initial_hf_config
+
+    got = initial_hf_config(from_dict(copy.deepcopy(d)))
+    got_sizes = get_adapter(got).read_sizes(got).as_dict()
+    if got_sizes != sizes:
+        raise RuntimeError(f"scratch model sizes {got_sizes} differ from the progressive final sizes {sizes}")
+    return d
+
+
+def run_engine(d: dict, out: Path) -> Path:
+    """Train the run config dict ``d`` into a fresh ``out``; returns its metrics.jsonl."""
+    from progtrain.train import train
+    from progtrain.train.config import from_dict
+
+    if out.exists():
+        shutil.rmtree(out)
+    d = copy.deepcopy(d)
+    d["output_dir"] = str(out)
+    d.pop("push_to_hub", None)
+    train(from_dict(d))
+    return out / "metrics.jsonl"
+
+
+# ---------------------------------------------------------------------- loop overhead
+def _steps_per_s(metrics: Path, skip: int) -> float:
+    """Optimizer steps per second between the first train log at or after ``skip`` steps and the end."""
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r.get("event") == "train"]
+    first = next(r for r in rows if r["step"] >= skip)
+    last = rows[-1]
+    return (last["step"] - first["step"]) / (last["wall_s"] - first["wall_s"])
+
+
+def plain_accelerate_loop(d: dict, run_dir: Path, steps: int, skip: int) -> float:
+    """The same model, data, optimizer, clipping and schedule in a minimal Accelerate loop; returns
+    steps/s over steps ``skip .. steps`` (loss read every ``train.log_interval`` steps, as a user would)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from progtrain.train.config import from_dict
+    from progtrain.train.data import prepare_data
+    from progtrain.train.engine import build_initial_model, lr_factor
+
+    cfg = from_dict(copy.deepcopy(d))
+    data = prepare_data(cfg, run_dir)  # tokenizer saved by the progtrain run in run_dir
+    set_seed(cfg.seed)
+    acc = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+    model = build_initial_model(cfg, data.tokenizer)
+    o = cfg.optim
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    step = {"n": 0}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: lr_factor(cfg, step["n"]))
+    B = cfg.train.batch_size
+    loader = torch.utils.data.DataLoader(data.train_stream(0, steps * B), batch_size=B, shuffle=False)
+    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+    model.train()
+    t_skip = None
+    for batch in loader:
+        loss = model(**batch).loss
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), o.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step["n"] += 1
+        sched.step()
+        if step["n"] % cfg.train.log_interval == 0:
+            float(loss.detach())
+        if step["n"] == skip:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t_skip = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (steps - skip) / (time.perf_counter() - t_skip)
+
+
+def loop_overhead(scratch: dict, work: Path, steps: int, reps: int = 2) -> dict:
+    """progtrain's loop vs the plain loop at the final model size, alternating ``reps`` times; the
+    best steps/s of each (least disturbed by other load) is compared."""
+    d = copy.deepcopy(scratch)
+    d["train"].update(max_steps=steps, eval_interval=0, checkpoint_interval=0, log_interval=10)
+    skip = 10
+    ours, plain = [], []
+    for r in range(reps):
+        run = work / f"overhead_{r}"
+        ours.append(_steps_per_s(run_engine(d, run), skip))
+        plain.append(plain_accelerate_loop(d, run, steps, skip))
+        logger.info("overhead rep %d: progtrain %.3f steps/s, plain Accelerate %.3f steps/s", r, ours[-1], plain[-1])
+    best_ours, best_plain = max(ours), max(plain)
+    return {"progtrain_steps_per_s": ours, "plain_steps_per_s": plain, "steps": steps,
+            "loop_overhead_ratio": 1.0 - best_ours / best_plain}
+
+
+# ---------------------------------------------------------------------- LR sweep
+def sweep_lr(scratch: dict, work: Path, seed: int) -> dict:
+    """Train scratch at lr x SWEEP_FACTORS (one seed); the best final validation loss wins."""
+    from progtrain.benchmark import Curve
+
+    base = float(scratch["optim"]["lr"])
+    results = []
+    for f in SWEEP_FACTORS:
+        d = copy.deepcopy(scratch)
+        d["optim"]["lr"] = base * f
+        d["seed"] = seed
+        m = run_engine(d, work / f"sweep_lr{base * f:g}")
+        results.append({"lr": base * f, "final_val_loss": Curve.from_metrics("scratch", m).final_loss})
+        logger.info("sweep: lr %.3g -> final val loss %.4f", base * f, results[-1]["final_val_loss"])
+    best = min(results, key=lambda r: r["final_val_loss"])
+    return {"best_lr": best["lr"], "results": results, "seed": seed,
+            "date": dt.date.today().isoformat(), "command": " ".join(map(shlex.quote, sys.argv))}
+
+
+# ---------------------------------------------------------------------- main
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="which comparison (default: tiny GPT-2 on CPU)")
+    p.add_argument("--config", help="a progressive run config instead of the preset's (its last stage is the scratch model)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default: 0 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override both runs' configs")
+    p.add_argument("--sweep-lr", action="store_true", help="rerun the scratch LR sweep (lr x 0.5/1/2, first seed) first")
+    p.add_argument("--scratch-lr", type=float, help="scratch LR (default: the stored sweep's best, else the config's)")
+    p.add_argument("--overhead-steps", type=int, help="steps of each loop-overhead run (0 skips it)")
+    p.add_argument("--out", help="where the report goes")
+    p.add_argument("--work-dir", default="runs/bench", help="where the training runs go (default: runs/bench)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from progtrain.benchmark import Curve, aggregate, compare, markdown_table, plot_curves
+    from progtrain.train.config import apply_overrides
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    preset = PRESETS[args.preset]
+    cfg_path = Path(args.config) if args.config else preset["config"]
+    out = Path(args.out) if args.out else (HERE / "results" if args.preset == "tiny" else HERE / "results" / args.preset)
+    work = Path(args.work_dir) / args.preset
+    out.mkdir(parents=True, exist_ok=True)
+    prog = apply_overrides(yaml.safe_load(cfg_path.read_text()), args.set)
+    scratch = scratch_dict(prog)
+    sweep_file = (HERE / "results" / f"lr_sweep_{args.preset}.json") if not args.config else out / "lr_sweep.json"
+    t0 = time.perf_counter()
+
+    sweep = None
+    if args.sweep_lr:
+        sweep = sweep_lr(scratch, work, args.seeds[0])
+        tmp = sweep_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sweep, indent=1))
+        os.replace(tmp, sweep_file)
+    elif sweep_file.exists():
+        sweep = json.loads(sweep_file.read_text())
+    scratch_lr = args.scratch_lr or (sweep["best_lr"] if sweep else float(scratch["optim"]["lr"]))
+    scratch["optim"]["lr"] = scratch_lr
+    logger.info("scratch LR %.3g (%s); progressive LR %.3g", scratch_lr,
+                "--scratch-lr" if args.scratch_lr else (f"sweep {sweep_file.name}" if sweep else "config"), prog["optim"]["lr"])
+
+    curves: dict[str, list[Curve]] = {"scratch": [], "progressive": []}
+    per_seed = []
+    for seed in args.seeds:
+        for name, d in (("scratch", scratch), ("progressive", prog)):
+            d = copy.deepcopy(d)
+            d["seed"] = seed
+            curves[name].append(Curve.from_metrics(name, run_engine(d, work / f"{name}_s{seed}")))
+        r = compare(curves["scratch"][-1], curves["progressive"][-1])
+        r["seed"] = seed
+        per_seed.append(r)
+        logger.info("seed %d: L* %.4f, progressive final %.4f, reached %s, FLOPs ratio %s, wall ratio %s", seed,
+                    r["L_star"], r["final_val_loss_progressive"], r["reached"], r["flops_ratio"], r["wallclock_ratio"])
+
+    summary = aggregate(per_seed)
+    steps = args.overhead_steps if args.overhead_steps is not None else preset["overhead_steps"]
+    overhead = loop_overhead(scratch, work, steps) if steps else None
+    summary["loop_overhead_ratio"] = overhead["loop_overhead_ratio"] if overhead else None
+    summary.update(
+        loop_overhead=overhead, seeds=list(args.seeds), preset=args.preset, config=str(cfg_path),
+        overrides=list(args.set), scratch_lr=scratch_lr, progressive_lr=prog["optim"]["lr"], lr_sweep=sweep,
+        machine=machine_info(), date=dt.datetime.now().isoformat(timespec="seconds"),
+        command=" ".join(map(shlex.quote, ["python", "benchmarks/progressive_vs_scratch.py", *(argv if argv is not None else sys.argv[1:])])),
+        benchmark_wall_s=round(time.perf_counter() - t0, 1),
+        total_flops_scratch=per_seed[0]["total_flops_scratch"], total_flops_progressive=per_seed[0]["total_flops_progressive"],
+    )
+    l_star = summary["L_star"]
+    plot_curves(curves, "flops", out / "loss_vs_flops.png", l_star)
+    plot_curves(curves, "wall_s", out / "loss_vs_wallclock.png", l_star)
+    table = markdown_table(summary)
+    (out / "progressive_vs_scratch.md").write_text(table)
+    tmp = out / "progressive_vs_scratch.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1, default=str))
+    os.replace(tmp, out / "progressive_vs_scratch.json")
+    sys.stdout.write("\n" + table + f"\nreport in {out} ({summary['benchmark_wall_s']} s)\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
