@@ -85,6 +85,13 @@ class GrowthSpec:
         ):
             if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
                 raise ProgtrainConfigError(f"{key} must be a positive integer, got {val!r}")
+        noise = self.symmetry_noise
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
+            # above 1 the noise outweighs the weights and its cancellation is lost to rounding
+            raise ProgtrainConfigError(
+                f"symmetry_noise must be a number in [0, 1] (std relative to each tensor's std), got {noise!r}; "
+                f"use e.g. 0.01, or 0 to disable it"
+            )
 
         def no_shrink(key: str, new: int | None, old: int) -> int:
             if new is None:
