@@ -87,3 +87,55 @@ def test_sigkill_mid_save_leaves_no_partial_output(tmp_path, capsys):
     with torch.no_grad():  # function-preserving depth growth: same logits as the source
         ref = T.GPT2LMHeadModel.from_pretrained(src)(ids).logits
         assert torch.allclose(new(ids).logits, ref, atol=1e-5)
+
+
+TRAIN_CONFIG = """
+output_dir: {out}
+seed: 0
+model:
+  family: gpt2
+  task: causal_lm
+  config: {{n_embd: 192, n_layer: 2, n_head: 4, n_positions: 64, resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}}
+data: {{vocab_size: 1024, seq_len: 64, val_fraction: 0.01}}
+optim: {{lr: 1.0e-3, warmup_steps: 2}}
+train: {{max_steps: 14, batch_size: 4, eval_interval: 7, eval_batches: 1, checkpoint_interval: 5, keep_checkpoints: 3,
+         log_interval: 1}}
+stages:
+  - {{name: wide, start_step: 8, grow: {{hidden_size: 384, num_heads: 8}}}}
+"""
+
+
+def test_sigkill_mid_training_checkpoint_then_resume(tmp_path):
+    """A run killed while writing its step-10 checkpoint (after the growth at step 8) keeps its
+    complete checkpoints (step 5, the step-8 growth boundary), shows no partial step-10 checkpoint,
+    and `progtrain train --resume` finishes the run from the boundary checkpoint with the grown model."""
+    from progtrain.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+
+    out = tmp_path / "run"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(TRAIN_CONFIG.format(out=out))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "progtrain.cli", "train", str(cfg)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ck_root = out / "checkpoints"
+    kill_when(proc, lambda: bool(list(ck_root.glob(".step-00000010.tmp-*"))))
+
+    done = list_checkpoints(out)
+    assert [p.name for p in done] == ["step-00000005", "step-00000008"], done
+    assert not (ck_root / "step-00000010").exists(), "a killed save left a visible partial checkpoint"
+    assert any(p.name.startswith(".step-00000010.tmp-") for p in ck_root.iterdir())  # killed mid-save
+    c = load_checkpoint(latest_checkpoint(out))
+    assert c.state["step"] == 8 and c.state["stage"] == 1 and c.state["boundary"]
+    assert load_model(str(done[-1] / "model")).config.n_embd == 384
+    assert not (out / "final").exists()
+
+    res = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = __import__("json").loads((out / "run_info.json").read_text())
+    assert info["resumed_from"] and info["resumed_from"].endswith("step-00000008")
+    final = load_model(str(out / "final"))
+    assert final.config.n_embd == 384
+    assert all(torch.isfinite(p).all() for p in final.parameters())
+    rows = [__import__("json").loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r["step"] for r in rows if r.get("event") == "train"]
+    assert steps == list(range(1, 15)), steps  # rows after the resumed checkpoint were rewritten, none twice
