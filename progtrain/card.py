@@ -357,4 +357,6 @@ def _fmt_float(v: Any) -> str:
         f = float(v)
     except (TypeError, ValueError):
         return _cell(v)
+    if math.isfinite(f) and abs(f) >= 1e6:
+        return f"{f:.4g}"  # FLOPs: 3.909e+11, not 390919618560.0000
     return f"{f:.4f}" if math.isfinite(f) and abs(f) >= 1e-3 else f"{f:.4g}"

@@ -120,3 +120,25 @@ def test_non_finite_loss_stops_with_step_stage_and_checkpoint(tmp_path_factory):
     assert "non-finite loss at step" in msg and "(stage 0)" in msg
     step = int(msg.split("at step ")[1].split()[0])
     assert f"step-{step - 1:08d}" in msg  # the last good checkpoint is the step before
+
+
+def test_run_model_card_front_matter_and_growth_table(gpt_run):
+    """The final model's README.md: Hub front matter that parses, and one growth-table row per stage
+    with the sizes, steps and init of the run."""
+    from progtrain.card import parse_front_matter
+
+    cfg, summary = gpt_run
+    card = (summary["model_dir"] and open(f"{summary['model_dir']}/README.md").read())
+    meta = parse_front_matter(card)
+    assert meta["library_name"] == "transformers" and "progressive-training" in meta["tags"]
+    lines = card.splitlines()
+    head = lines.index(next(line for line in lines if line.startswith("| stage | name | hidden")))
+    cols = [c.strip() for c in lines[head].strip("|").split("|")]
+    assert lines[head + 1].replace(" ", "").strip("|").split("|") == ["---"] * len(cols)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[head + 2:head + 5]]
+    assert all(len(r) == len(cols) for r in rows)
+    got = {r[cols.index("name")]: (r[cols.index("hidden")], r[cols.index("layers")], r[cols.index("steps")],
+                                   r[cols.index("init")]) for r in rows}
+    assert got == {"initial": ("32", "2", "5", "-"), "wide": ("64", "2", "5", "function_preserving"),
+                   "deep": ("64", "4", "4", "function_preserving")}
+    assert not lines[head + 5].startswith("|")  # three stages, three rows
