@@ -124,6 +124,9 @@ RECIPE_OVERRIDES = {  # the default tiny GPT-2 run, shrunk: 6 steps, growth (wid
     "train.max_steps": 6, "train.batch_size": 8, "train.eval_interval": 3, "train.eval_batches": 2,
     "train.checkpoint_interval": 0, "train.log_interval": 1, "data.max_chars": 60000, "data.vocab_size": 300,
     "data.seq_len": 32, "data.val_fraction": 0.05, "stages.0.start_step": 2, "stages.1.start_step": 4,
+    # per-element update scales (applied around DeepSpeed's in-backward step under ZeRO-2): the new
+    # FFN units' updates ramp from 0 after the first growth, LR rebalancing after the second
+    "stages.0.born_warmup_steps": 2, "stages.1.lr_scales": "{mode: norm_ratio}",
 }
 
 
@@ -168,7 +171,8 @@ def test_recipe_two_processes(mode, recipe_runs):
 
 @pytest.mark.slow
 def test_recipe_ddp_and_zero2_agree(recipe_runs):
-    """Same global batches, same data order: DDP and ZeRO-2 train on the same loss path."""
+    """Same global batches, same data order, same per-element update scales: DDP and ZeRO-2 train on
+    the same loss path (ZeRO-2 ignoring the scales departs from it by 2.6e-2 after the first growth)."""
     a, b = ([m["train_loss"] for m in _metrics(recipe_runs[k]) if m["event"] == "train"] for k in ("ddp", "zero2"))
     assert len(a) == len(b) == RECIPE_OVERRIDES["train.max_steps"]
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4

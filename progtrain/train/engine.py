@@ -178,6 +178,11 @@ class ProgressiveTrainer:
             )
         self.micro = self.micro_global // self.world
         needs_scales = any(s.lr_scales or s.born_warmup_steps or s.match_dynamics for s in cfg.stages)
+        if needs_scales and self.engine in ("zero3", "fsdp"):
+            raise ProgtrainConfigError(
+                f"lr_scales / born_warmup_steps / match_dynamics scale each element's update, which needs full "
+                f"parameters on every rank; {self.engine} shards them: use DDP or ZeRO-1/2, or remove those stage options"
+            )
         self.lr_scales = _import_lr_scales()
         if needs_scales and self.lr_scales is None:
             raise ProgtrainConfigError(
@@ -222,7 +227,11 @@ class ProgressiveTrainer:
             scales = base
         if scales is None:
             return None
-        return self.lr_scales.UpdateScaler(self.opt, self._named, scales)
+        hooks = {}
+        if self.engine in ("zero1", "zero2"):  # the optimizer updates DeepSpeed's fp32 partitions
+            get_param, set_param = self.lr_scales.zero_param_hooks()
+            hooks = {"get_param": get_param, "set_param": set_param}
+        return self.lr_scales.UpdateScaler(self.opt, self._named, scales, **hooks)
 
     # .................................................................. growth
     def _grow(self, idx: int) -> None:
@@ -398,12 +407,18 @@ class ProgressiveTrainer:
                     if float(finite) < self.world:
                         skipped = True
                     if not skipped:
+                        if scaler is not None and self.engine.startswith("zero") and acc.sync_gradients:
+                            scaler.snapshot()  # DeepSpeed runs its optimizer step inside backward
                         acc.backward(loss)
                         loss_sum += loss.detach().double().cpu()
                     if acc.sync_gradients and not skipped:
                         if cfg.optim.max_grad_norm:
                             acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
-                        (scaler or self.opt).step()
+                        if scaler is not None and self.engine.startswith("zero"):
+                            self.opt.step()  # a no-op wrapper: the step already ran in backward
+                            scaler.apply()
+                        else:
+                            (scaler or self.opt).step()
                     self.opt.zero_grad(set_to_none=True)
             if skipped:
                 self.bad += 1

@@ -285,17 +285,32 @@ class UpdateScaler:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
+    def snapshot(self) -> None:
+        """Record the scaled parameters' values before an update made elsewhere (DeepSpeed steps its
+        optimizer inside ``backward``: snapshot before it, :meth:`apply` after it)."""
+        self._before = [self.get_param(p).detach().clone() for _, p, _ in self._items]
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Scale the update made since :meth:`snapshot`: ``p <- p_before + s * (p_now - p_before)``."""
+        before = getattr(self, "_before", None)
+        if before is None:
+            raise RuntimeError("UpdateScaler.apply() without a snapshot() before the update")
+        for (_, p, s), b in zip(self._items, before):
+            after = self.get_param(p)
+            s = s.to(device=after.device, dtype=after.dtype)
+            self.set_param(p, b.add_((after.detach() - b) * s))
+        self._before = None
+
+    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimizer step with every element's update multiplied by its scale; returns what
         ``optimizer.step`` returns."""
-        before = [self.get_param(p).detach().clone() for _, p, _ in self._items]
+        self.snapshot()
         if closure is None:
             loss = self.optimizer.step()
         else:
             with torch.enable_grad():
                 loss = self.optimizer.step(closure)
-        for (_, p, s), b in zip(self._items, before):
-            after = self.get_param(p)
-            s = s.to(device=after.device, dtype=after.dtype)
-            self.set_param(p, b.add_((after.detach() - b) * s))
+        self.apply()
         return loss
