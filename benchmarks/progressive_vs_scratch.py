@@ -7,7 +7,11 @@ For each seed, back to back on the same machine:
    stored in ``benchmarks/results/lr_sweep_<preset>.json``; rerun it with ``--sweep-lr``);
 2. **progressive**: the preset's growth schedule, which ends at that model.
 
-Both runs go through progtrain's engine and log cumulative FLOPs, wall seconds, tokens and validation
+3. **progressive, same FLOPs** (``--same-flops``, on by default): the same schedule stretched in steps
+   (stage starts included) until it costs what the scratch run costs, i.e. more tokens for the same
+   compute: the comparison progressive training is usually sold on.
+
+All runs go through progtrain's engine and log cumulative FLOPs, wall seconds, tokens and validation
 loss (``metrics.jsonl``). The report (:mod:`progtrain.benchmark`) takes L* = scratch's final validation
 loss and interpolates the FLOPs and wall seconds each run needed to first reach it.
 
@@ -55,6 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu-small": {"config": HERE / "configs" / "gpt2_small_gpu.yaml", "overhead_steps": 200},
 }
 SWEEP_FACTORS = (0.5, 1.0, 2.0)
+SAME_FLOPS = "progressive_same_flops"
 
 
 # ---------------------------------------------------------------------- configs
@@ -81,6 +86,24 @@ def scratch_dict(prog: dict) -> dict:
     if got_sizes != sizes:
         raise RuntimeError(f"scratch model sizes {got_sizes} differ from the progressive final sizes {sizes}")
     return d
+
+
+def compute_matched_dict(prog: dict) -> tuple[dict, float]:
+    """The progressive run stretched to the scratch run's FLOPs: ``max_steps`` and every stage start
+    multiplied by scratch FLOPs / progressive FLOPs (same stage fractions, same warm-up); returns the
+    dict and the factor."""
+    from progtrain.train.config import from_dict
+    from progtrain.train.flops import plan
+
+    rows = plan(from_dict(copy.deepcopy(prog)))
+    total = next(r for r in rows if r["stage"] == "total")["flops"]
+    scratch = next(r for r in rows if r["name"] == "final size only")["flops"]
+    factor = scratch / total
+    d = copy.deepcopy(prog)
+    d["train"]["max_steps"] = round(prog["train"]["max_steps"] * factor)
+    for st in d["stages"]:
+        st["start_step"] = round(st["start_step"] * factor)
+    return d, factor
 
 
 def run_engine(d: dict, out: Path) -> Path:
@@ -207,6 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override both runs' configs")
     p.add_argument("--sweep-lr", action="store_true", help="rerun the scratch LR sweep (lr x 0.5/1/2, first seed) first")
     p.add_argument("--scratch-lr", type=float, help="scratch LR (default: the stored sweep's best, else the config's)")
+    p.add_argument("--same-flops", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the progressive schedule stretched to the scratch run's FLOPs (more tokens; default: on)")
     p.add_argument("--overhead-steps", type=int, help="steps of each loop-overhead run (0 skips it)")
     p.add_argument("--out", help="where the report goes")
     p.add_argument("--work-dir", default="runs/bench", help="where the training runs go (default: runs/bench)")
@@ -242,10 +267,16 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("scratch LR %.3g (%s); progressive LR %.3g", scratch_lr,
                 "--scratch-lr" if args.scratch_lr else (f"sweep {sweep_file.name}" if sweep else "config"), prog["optim"]["lr"])
 
-    curves: dict[str, list[Curve]] = {"scratch": [], "progressive": []}
-    per_seed = []
+    arms = [("scratch", scratch), ("progressive", prog)]
+    matched_factor = None
+    if args.same_flops:
+        matched, matched_factor = compute_matched_dict(prog)
+        arms.append((SAME_FLOPS, matched))
+        logger.info("same-FLOPs progressive arm: %d steps (x%.3f tokens)", matched["train"]["max_steps"], matched_factor)
+    curves: dict[str, list[Curve]] = {name: [] for name, _ in arms}
+    per_seed, per_seed_matched = [], []
     for seed in args.seeds:
-        for name, d in (("scratch", scratch), ("progressive", prog)):
+        for name, d in arms:
             d = copy.deepcopy(d)
             d["seed"] = seed
             curves[name].append(Curve.from_metrics(name, run_engine(d, work / f"{name}_s{seed}")))
@@ -254,8 +285,16 @@ def main(argv: list[str] | None = None) -> dict:
         per_seed.append(r)
         logger.info("seed %d: L* %.4f, progressive final %.4f, reached %s, FLOPs ratio %s, wall ratio %s", seed,
                     r["L_star"], r["final_val_loss_progressive"], r["reached"], r["flops_ratio"], r["wallclock_ratio"])
+        if args.same_flops:
+            m = compare(curves["scratch"][-1], curves[SAME_FLOPS][-1])
+            m["seed"] = seed
+            per_seed_matched.append(m)
+            logger.info("seed %d, same FLOPs: final %.4f, reached %s, FLOPs ratio %s, wall ratio %s", seed,
+                        m["final_val_loss_progressive"], m["reached"], m["flops_ratio"], m["wallclock_ratio"])
 
     summary = aggregate(per_seed)
+    if args.same_flops:
+        summary["same_flops"] = dict(aggregate(per_seed_matched), token_factor=matched_factor)
     steps = args.overhead_steps if args.overhead_steps is not None else preset["overhead_steps"]
     overhead = loop_overhead(scratch, work, steps) if steps else None
     summary["loop_overhead_ratio"] = overhead["loop_overhead_ratio"] if overhead else None
@@ -271,6 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
     plot_curves(curves, "flops", out / "loss_vs_flops.png", l_star)
     plot_curves(curves, "wall_s", out / "loss_vs_wallclock.png", l_star)
     table = markdown_table(summary)
+    if args.same_flops:
+        table += (f"\nSame-FLOPs arm (the progressive schedule stretched x{matched_factor:.3f} in steps to the scratch "
+                  f"run's FLOPs):\n\n" + markdown_table(summary["same_flops"]))
     (out / "progressive_vs_scratch.md").write_text(table)
     tmp = out / "progressive_vs_scratch.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1, default=str))

@@ -175,7 +175,7 @@ def plot_curves(curves: dict[str, list[Curve]], x: str, path: str | Path, l_star
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"scratch": "tab:blue", "progressive": "tab:orange"}
+    colors = {"scratch": "tab:blue", "progressive": "tab:orange", "progressive_same_flops": "tab:green"}
     for label, runs in curves.items():
         for i, c in enumerate(runs):
             xs = [p[x] for p in c.points]
