@@ -1,0 +1,126 @@
+"""The init-strategy ablation's report logic (benchmarks/ablation.py): reading a run's metrics,
+aggregating seeds, the paired difference, the exactness label, the table and the run configs.
+No training here."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("ablation", ROOT / "benchmarks" / "ablation.py")
+ab = importlib.util.module_from_spec(_spec)
+sys.modules["ablation"] = ab  # dataclasses look the module up while the file runs
+_spec.loader.exec_module(ab)
+
+
+def _rows(before, after, end, exact=True, dev=1e-7, growth_s=0.3, step=150, max_steps=300):
+    """metrics.jsonl rows as the engine writes them for a run resumed at the growth step: the small
+    run's evals up to the growth step, the growth event, later evals."""
+    return [
+        {"event": "eval", "step": 0, "val_loss": 7.6},
+        {"event": "eval", "step": step, "val_loss": before},  # the small model, before the growth
+        {"event": "start", "step": step},
+        {"event": "growth", "step": step, "val_loss_before": before, "val_loss_after": after, "exact": exact,
+         "deviation": dev, "growth_s": growth_s, "params": 675328},
+        {"event": "train", "step": step + 10, "train_loss": 5.0},
+        {"event": "eval", "step": step + 50, "val_loss": (after + end) / 2},
+        {"event": "eval", "step": max_steps, "val_loss": end},
+        {"event": "end", "step": max_steps},
+    ]
+
+
+def test_arm_result_reads_growth_and_end():
+    r = ab.arm_result(_rows(5.5, 5.6, 5.0, exact=False, dev=0.2, growth_s=1.25), 300,
+                      {"notes": ["n1"], "strategy_report": {"x": 1}})
+    assert r["val_loss_before"] == 5.5 and r["val_loss_after"] == 5.6 and r["val_loss_end"] == 5.0
+    assert r["exact"] is False and r["deviation"] == 0.2 and r["growth_s"] == 1.25
+    assert r["notes"] == ["n1"] and r["strategy_report"] == {"x": 1}
+    # the curve starts right after the growth; the small model's eval at the same step is not in it
+    assert r["curve_after_growth"] == [(150, 5.6), (200, 5.3), (300, 5.0)]
+
+
+def test_arm_result_refuses_incomplete_runs():
+    rows = _rows(5.5, 5.5, 5.0)
+    with pytest.raises(ValueError, match="growth"):
+        ab.arm_result([x for x in rows if x["event"] != "growth"], 300)
+    with pytest.raises(ValueError, match="last step"):
+        ab.arm_result(rows, 400)  # stopped before max_steps
+
+
+def test_mean_std_and_format():
+    ms = ab.mean_std([1.0, 2.0, 3.0, None, float("nan")])
+    assert ms["n"] == 3 and ms["mean"] == pytest.approx(2.0) and ms["std"] == pytest.approx(1.0)
+    assert ab.mean_std([4.0]) == {"mean": 4.0, "std": 0.0, "n": 1}
+    assert ab.mean_std([None])["mean"] is None
+    assert ab.fmt_ms({"mean": 5.12345, "std": 0.0123}) == "5.123 ± 0.012"
+    assert ab.fmt_ms({"mean": 0.02, "std": 0.01}, signed=True) == "+0.020 ± 0.010"
+    assert ab.fmt_ms({"mean": None, "std": None}) == "-"
+
+
+def test_exact_label():
+    assert ab.exact_label([{"exact": True, "deviation": 1e-7}] * 3) == "yes"
+    assert ab.exact_label([{"exact": False, "deviation": 0.1}, {"exact": False, "deviation": 0.3}]) == "no (dev 3.0e-01)"
+    assert ab.exact_label([{"exact": True, "deviation": 1e-7}, {"exact": False, "deviation": 0.3}]) == "1/2 seeds (dev 3.0e-01)"
+    assert ab.exact_label([]) == "-"
+
+
+def _result(before, after, end, exact=True, dev=1e-7, growth_s=0.3):
+    return ab.arm_result(_rows(before, after, end, exact, dev, growth_s), 300)
+
+
+def test_aggregate_paired_difference_and_failures():
+    per_seed = {
+        "function_preserving": {0: _result(5.5, 5.5, 5.00), 1: _result(5.7, 5.7, 5.20), 2: _result(5.6, 5.6, 5.10)},
+        "random": {0: _result(5.5, 5.9, 5.10), 1: _result(5.7, 6.1, 5.32), 2: {"error": "RuntimeError: boom"}},
+    }
+    rows = {r["strategy"]: r for r in ab.aggregate(per_seed)}
+    fp, rnd = rows["function_preserving"], rows["random"]
+    assert fp["n"] == 3 and fp["val_loss_end"]["mean"] == pytest.approx(5.1) and fp["val_loss_end"]["std"] == pytest.approx(0.1)
+    assert fp["growth_jump"]["mean"] == pytest.approx(0.0)
+    # the paired difference uses only seeds where both ran: (0.10, 0.12) -> mean 0.11, std 0.0141
+    assert rnd["n"] == 2 and rnd["failed"] == [2] and rnd["errors"] == ["RuntimeError: boom"]
+    assert rnd["end_minus_ref"]["mean"] == pytest.approx(0.11) and rnd["end_minus_ref"]["n"] == 2
+    assert rnd["end_minus_ref"]["std"] == pytest.approx(math.sqrt(2) * 0.01)
+    assert rnd["growth_jump"]["mean"] == pytest.approx(0.4)
+    # unpaired, the seed spread (0.15) would hide a difference the pairing shows clearly
+    assert rnd["val_loss_end"]["std"] > 10 * rnd["end_minus_ref"]["std"]
+
+    table = ab.markdown_table(ab.aggregate(per_seed))
+    lines = table.strip().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| strategy |") and lines[1].startswith("|---|")
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    assert "| `random` | 5.600 ± 0.141 | 6.000 ± 0.141 | 5.210 ± 0.156 | +0.110 ± 0.014 | yes | 0.30 ± 0.00 | 2 (1 failed) |" in table
+    assert "| `function_preserving` |" in table and "| - |" in table
+
+    text = " ".join(ab.findings(ab.aggregate(per_seed)))
+    assert "Lowest end-of-run loss: `function_preserving`" in text
+    assert "`random` (+0.110)" in text  # beyond 2 std of the paired difference
+    assert "`random` (+0.400)" in text  # the growth jump
+
+
+def test_findings_with_one_seed_claim_no_significance():
+    per_seed = {"function_preserving": {0: _result(5.5, 5.5, 5.0)}, "gradmax": {0: _result(5.5, 5.5, 4.9)}}
+    text = " ".join(ab.findings(ab.aggregate(per_seed)))
+    assert "no seed spread" in text and "exceeds twice" not in text
+
+
+def test_run_dict_sets_steps_seed_and_arm():
+    base = yaml.safe_load((ROOT / "benchmarks" / "configs" / "ablation_gpt2_tiny.yaml").read_text())
+    arm = ab.ARMS["variance_transfer_lr"]
+    d = ab.run_dict(base, 2, 120, 80, Path("/x/run"), arm)
+    assert d["seed"] == 2 and d["output_dir"] == "/x/run" and d["train"]["max_steps"] == 200
+    st = d["stages"][0]
+    assert st["start_step"] == 120 and st["init"] == "variance_transfer" and st["lr_scales"] == {"mode": "norm_ratio"}
+    small = ab.run_dict(base, 2, 120, 80, Path("/x/small"), None)
+    # the shared small run has the same schedule (max_steps) as every arm
+    assert small["train"]["max_steps"] == 200 and small["stages"][0]["start_step"] == 120
+    assert base["train"]["max_steps"] == 300  # the base dict is not mutated
+    from progtrain.train.config import from_dict
+
+    cfg = from_dict(d)  # a valid run config
+    assert cfg.stages[0].lr_scales.mode == "norm_ratio"
+    assert from_dict(ab.run_dict(base, 0, 150, 150, Path("/x/g"), ab.ARMS["gradinit"])).stages[0].init_kwargs == {"iters": 100}
