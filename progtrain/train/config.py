@@ -129,7 +129,10 @@ class StageConfig:
     ``match_dynamics``: scale the updates of copied/rescaled old elements so one optimizer step of
     the grown model moves its function as the small model's step would (see
     :mod:`progtrain.train.surgery`). ``lr_scales``: per-birth-stage LR rebalancing (None = off).
-    ``calib_batches``: training batches handed to data-driven init strategies."""
+    ``calib_batches``: training batches handed to data-driven init strategies. ``fade_in_steps``: new
+    blocks of a depth growth are mixed in as ``h + m (block(h) - h)`` with ``m`` ramping 0 -> 1 over
+    this many steps (:mod:`progtrain.train.fade`; keeps post-norm models such as BERT exact at the
+    growth; 0 = off)."""
 
     name: str = ""
     start_step: int | None = None
@@ -143,6 +146,7 @@ class StageConfig:
     match_dynamics: bool = False
     lr_scales: LrScalesConfig | None = None
     calib_batches: int = 4
+    fade_in_steps: int = 0
 
 
 @dataclass
@@ -446,6 +450,7 @@ def validate(cfg: RunConfig) -> None:
         prev = st.start_step
         pos_int(f"stages[{i}].rewarm_steps", st.rewarm_steps, zero_ok=True)
         pos_int(f"stages[{i}].born_warmup_steps", st.born_warmup_steps, zero_ok=True)
+        pos_int(f"stages[{i}].fade_in_steps", st.fade_in_steps, zero_ok=True)
         if not isinstance(st.grow, dict) or not st.grow:
             raise ProgtrainConfigError(
                 f"stages[{i}] ({st.name}): grow must map sizes to grow (e.g. grow: {{hidden_size: 128}})"
@@ -456,6 +461,13 @@ def validate(cfg: RunConfig) -> None:
             get_strategy(st.init, **(st.init_kwargs or {}))
         except ProgtrainConfigError as e:
             raise ProgtrainConfigError(f"stages[{i}] ({st.name}): {e}") from None
+    for i, st in enumerate(cfg.stages):
+        end = cfg.stages[i + 1].start_step if i + 1 < len(cfg.stages) else t.max_steps
+        if st.fade_in_steps and st.start_step + st.fade_in_steps > end:
+            raise ProgtrainConfigError(
+                f"stages[{i}] ({st.name}): fade_in_steps={st.fade_in_steps} runs past step {end} (the next stage or "
+                f"train.max_steps): the fade-in must finish inside its stage; use at most {end - st.start_step}"
+            )
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
         raise ProgtrainConfigError(f"stage names must be unique, got {names}")

@@ -266,6 +266,7 @@ class ProgressiveTrainer:
             self._birth_scale_cache = self.lr_scales.compute_lr_scales(
                 res.model, self.births, mode=st.lr_scales.mode, clamp=tuple(st.lr_scales.clamp), group=st.lr_scales.group)
         growth_s = time.perf_counter() - t0  # gather, grow, optimizer surgery, rebuild; not the two evaluations
+        self._start_fade(st, res.record["new_layer_positions"], 0)
         after = self._eval() if self.val_dl is not None else None
         self._log(event="growth", name=st.name, val_loss_before=before, val_loss_after=after, exact=res.exact,
                   params=self.n_params, sizes=res.target_sizes.as_dict(), deviation=(res.deviation or {}).get("rel"),
@@ -273,6 +274,15 @@ class ProgressiveTrainer:
         if before is not None:
             logger.info("growth to stage %d (%s) at step %d: val loss %.6f -> %.6f", idx, st.name, self.step, before, after)
         self._checkpoint(boundary=True)
+
+    def _start_fade(self, st: Any, positions: list[int], since: int) -> None:
+        """Fade the stage's new blocks in (stage option ``fade_in_steps``), ``since`` steps into it."""
+        self.fade = None
+        if st.fade_in_steps and positions and since < st.fade_in_steps:
+            from .fade import LayerFade
+
+            self.fade = LayerFade(self.acc.unwrap_model(self.model), positions, st.fade_in_steps)
+            self.fade.set_step(since)
 
     # .................................................................. helpers
     def _eval(self) -> float:
@@ -315,7 +325,7 @@ class ProgressiveTrainer:
 
         self._setup()
         cfg, acc = self.cfg, self.acc
-        self.births = self.stage_scales = self._birth_scale_cache = None
+        self.births = self.stage_scales = self._birth_scale_cache = self.fade = None
         self.history: list[dict] = []
         self.bad = 0
         self.last_ckpt = None
@@ -335,6 +345,8 @@ class ProgressiveTrainer:
             if st is not None and st.lr_scales is not None and self.lr_scales is not None:
                 self._birth_scale_cache = self.lr_scales.compute_lr_scales(
                     model, self.births, mode=st.lr_scales.mode, clamp=tuple(st.lr_scales.clamp), group=st.lr_scales.group)
+            if st is not None and self.history:
+                self._start_fade(st, self.history[-1].get("new_layer_positions") or [], self.step - st.start_step)
             if c.rng:
                 ckpt.set_rng_state(c.rng[min(acc.process_index, len(c.rng) - 1)])
             logger.info("resumed from %s at step %d (stage %d)", resumed, self.step, self.stage)
@@ -394,6 +406,9 @@ class ProgressiveTrainer:
             nxt = self.stage + 1
             if nxt < len(starts) and self.step == starts[nxt]:
                 self._grow(nxt)
+            if self.fade is not None:
+                self.fade.set_step(self.step - cfg.stages[self.stage - 1].start_step)
+                self.fade = self.fade if self.fade.active else None
             scaler = self._scaler()
             loss_sum = torch.zeros((), dtype=torch.float64)
             skipped = False
