@@ -44,7 +44,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import yaml
@@ -53,12 +53,15 @@ HERE = Path(__file__).resolve().parent
 logger = logging.getLogger("progressive_vs_scratch")
 
 # preset -> progressive run config (its final stage is the scratch model) and the scratch LR sweep factors
+# preset -> progressive run config (its final stage is the scratch model), the scratch LR sweep grid
+# (chosen to bracket the scratch optimum: for tiny, 6e-3 already trains worse than 4e-3) and the
+# length of the loop-overhead runs
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"config": HERE / "configs" / "gpt2_tiny.yaml", "overhead_steps": 80},
-    "bert": {"config": HERE / "configs" / "bert_tiny.yaml", "overhead_steps": 80},
-    "gpu-small": {"config": HERE / "configs" / "gpt2_small_gpu.yaml", "overhead_steps": 200},
+    "tiny": {"config": HERE / "configs" / "gpt2_tiny.yaml", "sweep": (3e-3, 4e-3, 6e-3), "overhead_steps": 80},
+    "bert": {"config": HERE / "configs" / "bert_tiny.yaml", "sweep": (5e-4, 1e-3, 2e-3), "overhead_steps": 80},
+    "gpu-small": {"config": HERE / "configs" / "gpt2_small_gpu.yaml", "sweep": (3e-4, 6e-4, 1.2e-3),
+                  "overhead_steps": 200},
 }
-SWEEP_FACTORS = (0.5, 1.0, 2.0)
 SAME_FLOPS = "progressive_same_flops"
 
 
@@ -194,19 +197,18 @@ def loop_overhead(scratch: dict, work: Path, steps: int, reps: int = 2) -> dict:
 
 
 # ---------------------------------------------------------------------- LR sweep
-def sweep_lr(scratch: dict, work: Path, seed: int) -> dict:
-    """Train scratch at lr x SWEEP_FACTORS (one seed); the best final validation loss wins."""
+def sweep_lr(scratch: dict, work: Path, seed: int, lrs: Sequence[float]) -> dict:
+    """Train scratch at each LR of ``lrs`` (one seed); the best final validation loss wins."""
     from progtrain.benchmark import Curve
 
-    base = float(scratch["optim"]["lr"])
     results = []
-    for f in SWEEP_FACTORS:
+    for lr in lrs:
         d = copy.deepcopy(scratch)
-        d["optim"]["lr"] = base * f
+        d["optim"]["lr"] = float(lr)
         d["seed"] = seed
-        m = run_engine(d, work / f"sweep_lr{base * f:g}")
-        results.append({"lr": base * f, "final_val_loss": Curve.from_metrics("scratch", m).final_loss})
-        logger.info("sweep: lr %.3g -> final val loss %.4f", base * f, results[-1]["final_val_loss"])
+        m = run_engine(d, work / f"sweep_lr{lr:g}")
+        results.append({"lr": float(lr), "final_val_loss": Curve.from_metrics("scratch", m).final_loss})
+        logger.info("sweep: lr %.3g -> final val loss %.4f", lr, results[-1]["final_val_loss"])
     best = min(results, key=lambda r: r["final_val_loss"])
     return {"best_lr": best["lr"], "results": results, "seed": seed,
             "date": dt.date.today().isoformat(), "command": " ".join(map(shlex.quote, sys.argv))}
@@ -228,7 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="a progressive run config instead of the preset's (its last stage is the scratch model)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default: 0 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override both runs' configs")
-    p.add_argument("--sweep-lr", action="store_true", help="rerun the scratch LR sweep (lr x 0.5/1/2, first seed) first")
+    p.add_argument("--sweep-lr", action="store_true", help="rerun the scratch LR sweep (the preset's grid, first seed) first")
+    p.add_argument("--sweep-lrs", type=float, nargs="+", help="LR grid of the sweep (default: the preset's)")
     p.add_argument("--scratch-lr", type=float, help="scratch LR (default: the stored sweep's best, else the config's)")
     p.add_argument("--same-flops", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the progressive schedule stretched to the scratch run's FLOPs (more tokens; default: on)")
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     sweep = None
     if args.sweep_lr:
-        sweep = sweep_lr(scratch, work, args.seeds[0])
+        sweep = sweep_lr(scratch, work, args.seeds[0], args.sweep_lrs or preset["sweep"])
         tmp = sweep_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(sweep, indent=1))
         os.replace(tmp, sweep_file)
