@@ -52,7 +52,6 @@ import yaml
 HERE = Path(__file__).resolve().parent
 logger = logging.getLogger("progressive_vs_scratch")
 
-# preset -> progressive run config (its final stage is the scratch model) and the scratch LR sweep factors
 # preset -> progressive run config (its final stage is the scratch model), the scratch LR sweep grid
 # (chosen to bracket the scratch optimum: for tiny, 6e-3 already trains worse than 4e-3) and the
 # length of the loop-overhead runs
