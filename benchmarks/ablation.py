@@ -245,8 +245,9 @@ def findings(rows: Sequence[dict], reference: str = REFERENCE) -> list[str]:
             out.append("With one seed there is no seed spread to judge the differences against.")
         elif clear:
             parts = [f"`{r['strategy']}` ({r['end_minus_ref']['mean']:+.3f})" for r in clear]
-            out.append(f"Paired with `{reference}` in the same seed, the end-of-run difference exceeds twice its "
-                       f"seed std only for {', '.join(parts)}; the other arms are within seed noise of it.")
+            out.append(f"Paired with `{reference}` in the same seed, the end-of-run difference is larger than twice "
+                       f"its std over seeds (a rough criterion, not a significance test) for {', '.join(parts)}; "
+                       f"the other arms are within that noise of it.")
         else:
             out.append(f"Paired with `{reference}` in the same seed, no arm's end-of-run difference exceeds twice its "
                        f"seed std.")
@@ -254,11 +255,12 @@ def findings(rows: Sequence[dict], reference: str = REFERENCE) -> list[str]:
     if jumps:
         parts = [f"`{r['strategy']}` ({r['growth_jump']['mean']:+.3f})" for r in sorted(jumps, key=lambda r: -abs(r['growth_jump']['mean']))]
         out.append(f"The growth itself moved the validation loss by more than 0.001 nats for {', '.join(parts)}; "
-                   f"every other arm left it unchanged.")
+                   f"every other arm left it unchanged to that precision.")
     vt = {r["strategy"]: r for r in ok}
     if "variance_transfer" in vt and "variance_transfer_lr" in vt:
         a, b = vt["variance_transfer"]["val_loss_end"], vt["variance_transfer_lr"]["val_loss_end"]
-        out.append(f"LR adaptation changed variance_transfer's end loss from {a['mean']:.3f} to {b['mean']:.3f}.")
+        out.append(f"LR adaptation (norm_ratio) {'lowered' if b['mean'] < a['mean'] else 'raised'} variance_transfer's "
+                   f"end-of-run loss from {a['mean']:.3f} to {b['mean']:.3f}.")
     return out
 
 
@@ -283,7 +285,8 @@ def machine_info(threads: int) -> dict:
 
 def machine_line(m: dict) -> str:
     s = f"{m['cpu'] or 'unknown CPU'}, {m['cpus']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}"
-    return s + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+    s += f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return s + (f" ({m['note']})" if m.get("note") else "")
 
 
 # ---------------------------------------------------------------------- driving the engine
@@ -363,6 +366,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="smoke test: 1 seed, 30 + 30 steps, 2 eval batches, 5 GradInit iterations")
     p.add_argument("--out", help="report directory (default: benchmarks/results; with --quick: <work-dir>/quick)")
     p.add_argument("--work-dir", default="runs/ablation", help="training runs (default: runs/ablation)")
+    p.add_argument("--machine-note", help="free text on the machine's conditions for the report (e.g. other load)")
+    p.add_argument("--render", action="store_true",
+                   help="no training: rewrite <out>/ablation.md (and the JSON's summary) from <out>/ablation.json")
     p.add_argument("-v", "--verbose", action="store_true", help="show progtrain's own logs and progress bars")
     return p.parse_args(argv)
 
@@ -380,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not args.verbose:
         for name in ("progtrain", "transformers", "accelerate", "datasets", "DeepSpeed", "deepspeed"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    if args.render:
+        return render(Path(args.out) if args.out else HERE / "results", args.machine_note)
     threads = args.threads or 1
     torch.set_num_threads(threads)
     overrides = list(args.set)
@@ -414,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rows = aggregate(per_seed)
     table = markdown_table(rows)
     machine = machine_info(threads)
+    if args.machine_note:
+        machine["note"] = args.machine_note
     date = dt.datetime.now().isoformat(timespec="seconds")
     cfg = base
     settings = {
@@ -438,6 +448,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report
 
 
+def render(out: Path, machine_note: str | None = None) -> dict:
+    """Rebuild the summary, findings and ``ablation.md`` from the per-seed numbers in
+    ``out/ablation.json`` (after a change to the report code; no training)."""
+    report = json.loads((out / "ablation.json").read_text())
+    per_seed = {k: {int(s): r for s, r in v.items()} for k, v in report["per_seed"].items()}
+    if machine_note is not None:
+        report["machine"]["note"] = machine_note
+    report["summary"] = aggregate(per_seed)
+    report["findings"] = findings(report["summary"])
+    report["rendered"] = {"date": dt.datetime.now().isoformat(timespec="seconds"),
+                          "command": " ".join(["python benchmarks/ablation.py", *map(shlex.quote, sys.argv[1:])])}
+    md = markdown_section(report, markdown_table(report["summary"]))
+    (out / "ablation.md").write_text(md)
+    tmp = out / "ablation.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    os.replace(tmp, out / "ablation.json")
+    sys.stdout.write(md)
+    return report
+
+
 def _note(arm: dict) -> str:
     """An arm's note with its ``{iters}`` placeholder filled from its init_kwargs."""
     return arm["note"].replace("{iters}", str(arm["init_kwargs"].get("iters", "")))
@@ -458,7 +488,8 @@ def markdown_section(report: dict, table: str) -> str:
         f"and trains {s['steps_after']} more steps with the same data order and schedule. Validation loss is nats "
         f"per token on the same {n_eval} held-out sequences, mean ± sample std over seeds {', '.join(map(str, s['seeds']))}; "
         f"\"end − {REFERENCE}\" is the per-seed paired difference. \"exact\": whether the grown model computed the "
-        f"same function (else the largest relative logit deviation); \"growth s\": wall seconds of the growth "
+        f"same function (else the largest relative logit deviation, max |Δlogits| / max |logits| on 2 random "
+        f"16-token sequences, as the engine measures it at each growth); \"growth s\": wall seconds of the growth "
         f"(gather, init strategy, optimizer surgery, rebuild; the two evaluations excluded)."
     )
     notes = "\n".join(f"- `{name}`: {_note(a)}" for name, a in report["arms"].items())

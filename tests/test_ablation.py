@@ -98,7 +98,7 @@ def test_aggregate_paired_difference_and_failures():
 
     text = " ".join(ab.findings(ab.aggregate(per_seed)))
     assert "Lowest end-of-run loss: `function_preserving`" in text
-    assert "`random` (+0.110)" in text  # beyond 2 std of the paired difference
+    assert "`random` (+0.110)" in text and "not a significance test" in text  # beyond 2 std of the paired difference
     assert "`random` (+0.400)" in text  # the growth jump
 
 
