@@ -49,6 +49,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from progtrain.benchmark import write_report
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "ablation_gpt2_tiny.yaml"
 REFERENCE = "function_preserving"
@@ -440,10 +442,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "findings": findings(rows),
     }
     md = markdown_section(report, table)
-    (out / "ablation.md").write_text(md)
-    tmp = out / "ablation.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(tmp, out / "ablation.json")
+    write_report(out, "ablation", md, report)
     sys.stdout.write("\n" + md + f"\nreport in {out} (benchmark wall time {wall} s)\n")
     return report
 
@@ -460,10 +459,7 @@ def render(out: Path, machine_note: str | None = None) -> dict:
     report["rendered"] = {"date": dt.datetime.now().isoformat(timespec="seconds"),
                           "command": " ".join(["python benchmarks/ablation.py", *map(shlex.quote, sys.argv[1:])])}
     md = markdown_section(report, markdown_table(report["summary"]))
-    (out / "ablation.md").write_text(md)
-    tmp = out / "ablation.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(tmp, out / "ablation.json")
+    write_report(out, "ablation", md, report)
     sys.stdout.write(md)
     return report
 

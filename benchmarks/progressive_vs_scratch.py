@@ -241,7 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from progtrain.benchmark import Curve, aggregate, compare, markdown_table, plot_curves
+    from progtrain.benchmark import Curve, aggregate, compare, markdown_table, plot_curves, write_report
     from progtrain.train.config import apply_overrides
 
     args = parse_args(argv)
@@ -315,10 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.same_flops:
         table += (f"\nSame-FLOPs arm (the progressive schedule stretched x{matched_factor:.3f} in steps to the scratch "
                   f"run's FLOPs):\n\n" + markdown_table(summary["same_flops"]))
-    (out / "progressive_vs_scratch.md").write_text(table)
-    tmp = out / "progressive_vs_scratch.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, out / "progressive_vs_scratch.json")
+    write_report(out, "progressive_vs_scratch", table, summary)
     sys.stdout.write("\n" + table + f"\nreport in {out} ({summary['benchmark_wall_s']} s)\n")
     return summary
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,3 +193,16 @@ def plot_curves(curves: dict[str, list[Curve]], x: str, path: str | Path, l_star
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_report(out: str | Path, stem: str, markdown: str, data: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``<out>/<stem>.md`` and ``<out>/<stem>.json`` (the JSON through a temporary file renamed
+    into place, so a reader never sees half of it); returns both paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / f"{stem}.md", out / f"{stem}.json"
+    md.write_text(markdown)
+    tmp = out / f"{stem}.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, js)
+    return md, js
