@@ -453,8 +453,8 @@ class ProgressiveTrainer:
             if self.world > 1:
                 train_loss = float(acc.reduce(torch.tensor(train_loss, device=acc.device), reduction="mean"))
             bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.4f}", stage=self.stage)
             if self.step % cfg.train.log_interval == 0 or self.step == stop:
+                bar.set_postfix(loss=f"{train_loss:.4f}", stage=self.stage, refresh=False)
                 self._log(event="train", train_loss=None if skipped else train_loss, lr=self.opt.param_groups[0]["lr"])
             if self.val_dl is not None and cfg.train.eval_interval and (
                     self.step % cfg.train.eval_interval == 0 or self.step == cfg.train.max_steps):
