@@ -69,7 +69,7 @@ def scratch_dict(prog: dict) -> dict:
     """The scratch run of a progressive run config dict: no stages, and a fresh model with the HF
     config of the progressive run's last stage (checked size for size)."""
     from progtrain.arch import get_adapter
-    from progtrain.train.config import from_dict
+    from progtrain.train.config import from_dict, initial_hf_config
     from progtrain.train.flops import stage_configs
 
     cfg = from_dict(copy.deepcopy(prog))
@@ -81,8 +81,6 @@ def scratch_dict(prog: dict) -> dict:
     d["stages"] = []
     d["model"]["config"] = keep
     sizes = get_adapter(final).read_sizes(final).as_dict()
-    from progtrain.train.config import initial_hf_config
-
     got = initial_hf_config(from_dict(copy.deepcopy(d)))
     got_sizes = get_adapter(got).read_sizes(got).as_dict()
     if got_sizes != sizes:
