@@ -37,19 +37,16 @@ import copy
 import datetime as dt
 import json
 import logging
-import math
 import os
-import platform
 import shlex
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-from progtrain.benchmark import write_report
+from progtrain.benchmark import machine_info, mean_std, write_report
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "ablation_gpt2_tiny.yaml"
@@ -157,14 +154,6 @@ def arm_result(rows: Sequence[dict], max_steps: int, growth_record: dict | None 
 
 
 # ---------------------------------------------------------------------- aggregation and report
-def mean_std(values: Iterable[float | None]) -> dict[str, float | int | None]:
-    """Mean and sample std of the finite, non-None values (std 0.0 for one value; None for none)."""
-    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
-    if not v:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
-
-
 def fmt_ms(ms: dict, digits: int = 3, signed: bool = False) -> str:
     """``mean ± std`` (``-`` when there is no value)."""
     if ms.get("mean") is None:
@@ -267,24 +256,6 @@ def findings(rows: Sequence[dict], reference: str = REFERENCE) -> list[str]:
 
 
 # ---------------------------------------------------------------------- machine
-def machine_info(threads: int) -> dict:
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": threads, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def machine_line(m: dict) -> str:
     s = f"{m['cpu'] or 'unknown CPU'}, {m['cpus']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}"
     s += f", GPU {m['gpu']}" if m.get("gpu") else ""

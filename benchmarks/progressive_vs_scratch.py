@@ -38,7 +38,6 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -215,15 +214,6 @@ def sweep_lr(scratch: dict, work: Path, seed: int, lrs: Sequence[float]) -> dict
 
 
 # ---------------------------------------------------------------------- main
-def machine_info() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="which comparison (default: tiny GPT-2 on CPU)")
@@ -242,7 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from progtrain.benchmark import Curve, aggregate, compare, markdown_table, plot_curves, write_report
+    from progtrain.benchmark import Curve, aggregate, compare, machine_info, markdown_table, plot_curves, write_report
     from progtrain.train.config import apply_overrides
 
     args = parse_args(argv)

@@ -109,8 +109,8 @@ def compare(scratch: Curve, progressive: Curve) -> dict[str, Any]:
 
 
 def mean_std(values: Iterable[float | None]) -> dict[str, float | int | None]:
-    """Mean and sample std of the non-None values (std 0 for one value; None when there are none)."""
-    v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    """Mean and sample std of the finite, non-None values (std 0 for one value; None when there are none)."""
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
     if not v:
         return {"mean": None, "std": None, "n": 0}
     return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
@@ -206,3 +206,24 @@ def write_report(out: str | Path, stem: str, markdown: str, data: dict[str, Any]
     tmp.write_text(json.dumps(data, indent=1, default=str))
     os.replace(tmp, js)
     return md, js
+
+
+def machine_info(threads: int | None = None) -> dict[str, Any]:
+    """Where a benchmark ran: platform, CPU model and core count, Python and torch versions, torch
+    threads (``threads`` or the current setting), ``OMP_NUM_THREADS`` and the GPU, if any."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": threads or torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
