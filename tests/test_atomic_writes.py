@@ -52,9 +52,10 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 240.0) -> float:
 
 
 def test_sigkill_mid_save_leaves_no_partial_output(tmp_path, capsys):
-    # ~27 MB of fp32 weights after growth: the save takes long enough to be caught by 1 ms polling
+    # ~120 MB of fp32 weights after growth: the save takes long enough to be caught by 1 ms polling
+    # (27 MB was sometimes written before the first poll on an idle machine)
     src = tmp_path / "src"
-    cfg = T.GPT2Config(n_embd=256, n_layer=2, n_head=4, vocab_size=2000, n_positions=64)
+    cfg = T.GPT2Config(n_embd=512, n_layer=2, n_head=4, vocab_size=8000, n_positions=64)
     T.GPT2LMHeadModel(cfg).save_pretrained(src)
 
     # a previous good output, replaced with --overwrite by the killed run
