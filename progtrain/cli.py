@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from .errors import ProgtrainConfigError
+from .errors import ProgtrainConfigError, config_error_text, config_errors
 
 logger = logging.getLogger("progtrain")
 
@@ -85,8 +85,12 @@ def cmd_grow(args: argparse.Namespace) -> int:
         config = AutoConfig.from_pretrained(args.src)
     except OSError as e:
         raise ProgtrainConfigError(f"cannot load a model config from {args.src!r}: {str(e).splitlines()[0]}") from None
+    except config_errors() as e:
+        raise ProgtrainConfigError(
+            f"the config of {args.src} is invalid ({config_error_text(e)}): fix its config.json"
+        ) from None
     adapter = get_adapter(config)
-    spec.resolve(adapter.read_sizes(config), adapter)
+    spec.resolve_config(config, adapter)  # the sizes and the grown config, as transformers will validate it
     strategy = get_strategy(args.init, **dict(args.init_option or []))
     model = load_model(args.src, task=args.task)
     tokenizer = load_tokenizer(args.src)

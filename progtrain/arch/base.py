@@ -29,6 +29,7 @@ Adding a family is a new module in this package that calls :func:`register_adapt
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from ..errors import UnsupportedArchitectureError
+from ..errors import ProgtrainConfigError, UnsupportedArchitectureError, config_error_text, config_errors
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ AXIS_TAGS = frozenset(
         "qkv.out",
     }
 )
+
+_CONFIG_ERRORS = config_errors()  # what an invalid transformers config raises
 
 # Roles whose output is added to the residual stream inside a block: zero them and the block is the
 # identity in a pre-norm model.
@@ -128,7 +131,11 @@ class ArchAdapter:
         rotary: True when positions are rotary (head_dim must stay fixed).
         fused_qkv: layout of a fused q|k|v projection: ``"concat"`` ([q|k|v] along the output, GPT-2)
             or ``"per_head"`` ((heads, 3, head_dim), GPT-NeoX); None when q, k, v are separate.
-        per_layer_config_keys: config attributes holding one entry per layer (rebuilt on depth growth).
+        per_layer_config_keys: config attributes holding one entry per layer (rebuilt on depth growth:
+            each grown layer takes the entry of the old layer it comes from).
+        layer_threshold_config_keys: config attributes holding a layer index from which layers behave
+            differently (Qwen2 ``max_window_layers``: layers at or above it use the sliding window);
+            rebuilt on depth growth as the number of grown layers whose source layer is below it.
         default_ffn: computes the FFN size when the config leaves it implicit (GPT-2 ``n_inner=None``).
     """
 
@@ -143,7 +150,8 @@ class ArchAdapter:
     pre_norm: bool
     rotary: bool = False
     fused_qkv: str | None = None
-    per_layer_config_keys: tuple[str, ...] = ("layer_types",)
+    per_layer_config_keys: tuple[str, ...] = ("layer_types", "mlp_layer_types")
+    layer_threshold_config_keys: tuple[str, ...] = ()
     default_ffn: Callable[[PretrainedConfig], int] | None = None
     _layer_re: re.Pattern | None = field(default=None, init=False, repr=False)
 
@@ -170,31 +178,109 @@ class ArchAdapter:
         return bool(self.config_keys.get("head_dim"))
 
     def write_config(
-        self, config: PretrainedConfig, sizes: Sizes, eps_scale: float, layer_sources: list[int]
+        self,
+        config: PretrainedConfig,
+        sizes: Sizes,
+        eps_scale: float = 1.0,
+        layer_sources: list[int] | None = None,
     ) -> PretrainedConfig:
-        """Return a deep copy of ``config`` at ``sizes``.
+        """Return a deep copy of ``config`` at ``sizes`` (not validated: see :meth:`target_config`).
 
         ``eps_scale`` multiplies the norm epsilon (non-integer widening); ``layer_sources[i]`` is the
-        old layer whose per-layer config entries new layer ``i`` takes.
+        old layer whose per-layer config entries new layer ``i`` takes (default: new layers appended
+        on top, each a copy of the last old layer). Every field that depends on the number of layers,
+        heads or the width is rewritten: the size keys, ``head_dim`` where it is its own key, the
+        per-layer lists (``per_layer_config_keys``) and layer thresholds (``layer_threshold_config_keys``).
+
+        Raises:
+            ProgtrainConfigError: the family's config class rejects one of the new values.
         """
+        old_layers = int(getattr(config, self.config_keys["layers"]))
+        if layer_sources is None:
+            layer_sources = [min(i, old_layers - 1) for i in range(sizes.layers)]
+        if len(layer_sources) != sizes.layers:
+            raise ValueError(f"layer_sources has {len(layer_sources)} entries for {sizes.layers} layers")
         new = copy.deepcopy(config)
         k = self.config_keys
-        setattr(new, k["hidden"], sizes.hidden)
-        setattr(new, k["heads"], sizes.heads)
-        if k.get("kv_heads"):
-            setattr(new, k["kv_heads"], sizes.kv_heads)
-        if k.get("head_dim"):
-            setattr(new, k["head_dim"], sizes.head_dim)
-        setattr(new, k["ffn"], sizes.ffn)
-        setattr(new, k["layers"], sizes.layers)
-        if eps_scale != 1.0 and k.get("norm_eps"):
-            setattr(new, k["norm_eps"], float(getattr(config, k["norm_eps"])) * eps_scale)
-        old_layers = int(getattr(config, k["layers"]))
-        for key in self.per_layer_config_keys:
-            old = getattr(config, key, None)
-            if isinstance(old, (list, tuple)) and len(old) == old_layers:
-                setattr(new, key, [old[s] for s in layer_sources])
+        try:
+            setattr(new, k["hidden"], sizes.hidden)
+            setattr(new, k["heads"], sizes.heads)
+            if k.get("kv_heads"):
+                setattr(new, k["kv_heads"], sizes.kv_heads)
+            if k.get("head_dim"):
+                setattr(new, k["head_dim"], sizes.head_dim)
+            setattr(new, k["ffn"], sizes.ffn)
+            setattr(new, k["layers"], sizes.layers)
+            if eps_scale != 1.0 and k.get("norm_eps"):
+                setattr(new, k["norm_eps"], float(getattr(config, k["norm_eps"])) * eps_scale)
+            for key in self.per_layer_config_keys:
+                old = getattr(config, key, None)
+                if isinstance(old, (list, tuple)) and len(old) == old_layers:
+                    setattr(new, key, [old[s] for s in layer_sources])
+            for key in self.layer_threshold_config_keys:
+                old = getattr(config, key, None)
+                if isinstance(old, int) and not isinstance(old, bool):
+                    # below the threshold in the old model <=> below it in the grown one
+                    n = sum(1 for s in layer_sources if s < old) if old < old_layers else max(old, sizes.layers)
+                    setattr(new, key, n)
+        except _CONFIG_ERRORS as e:
+            raise ProgtrainConfigError(self._config_error_message(config, e)) from None
         return new
+
+    def target_config(
+        self,
+        config: PretrainedConfig,
+        sizes: Sizes,
+        eps_scale: float = 1.0,
+        layer_sources: list[int] | None = None,
+    ) -> PretrainedConfig:
+        """The grown model's config (:meth:`write_config`), validated by :meth:`check_config`.
+
+        Cheap (no tensor is built): call it before any growth work. Raises
+        :class:`ProgtrainConfigError` naming the rejected field or rule.
+        """
+        new = self.write_config(config, sizes, eps_scale, layer_sources)
+        self.check_config(new, sizes)
+        return new
+
+    def check_config(self, config: PretrainedConfig, sizes: Sizes | None = None) -> None:
+        """Validate ``config`` as transformers does when it saves and loads it, plus the family's
+        invariants: the config class's own validators (``config.validate()``: strict field types,
+        ``validate_architecture``, ``validate_layer_type``, ``validate_rope`` ...), a JSON round trip
+        (``to_json_string`` -> ``from_dict``, what ``save_pretrained`` + ``from_pretrained`` do) that
+        must give back the same sizes (``sizes``, default: the config's own), and per-layer lists of
+        length ``num_layers``.
+
+        Raises:
+            ProgtrainConfigError: one line naming the rejected field or rule.
+        """
+        try:
+            if hasattr(config, "validate"):
+                config.validate()
+            reloaded = type(config).from_dict(json.loads(config.to_json_string(use_diff=True)))
+        except _CONFIG_ERRORS as e:
+            raise ProgtrainConfigError(self._config_error_message(config, e)) from None
+        want = self.read_sizes(config) if sizes is None else sizes
+        got = self.read_sizes(reloaded)
+        if got != want:
+            diff = ", ".join(f"{k}={v} (wanted {want.as_dict()[k]})" for k, v in got.as_dict().items() if v != want.as_dict()[k])
+            raise ProgtrainConfigError(
+                f"the {self.name} config does not keep the grown sizes through save and reload: it reloads with "
+                f"{diff}; this combination of sizes cannot be saved as a {type(config).__name__}, choose other sizes"
+            )
+        for key in self.per_layer_config_keys:
+            val = getattr(reloaded, key, None)
+            if isinstance(val, (list, tuple)) and len(val) != want.layers:
+                raise ProgtrainConfigError(
+                    f"config.{key} has {len(val)} entries for {want.layers} layers: it needs one per layer"
+                )
+
+    def _config_error_message(self, config: PretrainedConfig, e: BaseException) -> str:
+        """One line from a transformers / huggingface_hub config validation error."""
+        return (
+            f"the grown {self.name} config is invalid: transformers' {type(config).__name__} rejects it "
+            f"({config_error_text(e)})"
+        )
 
     # ------------------------------------------------------------------ parameter mapping
     def _layer_pattern(self) -> re.Pattern:

@@ -94,7 +94,8 @@ def grow(
         A :class:`GrowthResult`; the input model is not modified.
 
     Raises:
-        ProgtrainConfigError: bad sizes, unsupported architecture or strategy; raised before any
+        ProgtrainConfigError: bad sizes, unsupported architecture or strategy, or a grown config
+            the family's config class rejects (:meth:`GrowthSpec.resolve_config`); raised before any
             tensor is built.
     """
     t0 = time.perf_counter()
@@ -111,7 +112,7 @@ def grow(
         )
     adapter = get_adapter(model)
     src = adapter.read_sizes(model.config)
-    tgt = spec.resolve(src, adapter)
+    tgt, _ = spec.resolve_config(model.config, adapter)  # sizes and the grown config, before any tensor
     strategy = get_strategy(init, **(init_kwargs or {}))
     prefix = base_prefix(model)
     tied = has_tied_head(model)
@@ -120,7 +121,7 @@ def grow(
     classified = {n: adapter.classify(n, prefix) for n in old_params}  # raises on unknown params
     positions = new_layer_positions(src.layers, tgt.layers, spec.layer_placement)
     maps = SpaceMaps.build(adapter, src, tgt, strategy.preserves_function, tied, positions)
-    new_config = adapter.write_config(model.config, tgt, maps.eps_scale, maps.layer_src)
+    new_config = adapter.target_config(model.config, tgt, maps.eps_scale, maps.layer_src)
     new_config.architectures = [type(model).__name__]
 
     with init_empty_weights():

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ..arch.base import ArchAdapter, Sizes
 from ..errors import ProgtrainConfigError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 PLACEMENTS = ("interleave", "top")
 
@@ -71,7 +75,8 @@ class GrowthSpec:
 
     # ------------------------------------------------------------------ resolution + validation
     def resolve(self, src: Sizes, adapter: ArchAdapter) -> Sizes:
-        """Validate against the source sizes and return the target sizes.
+        """Validate against the source sizes and return the target sizes (sizes only:
+        :meth:`resolve_config` also builds the grown config and validates it as transformers will).
 
         Raises :class:`ProgtrainConfigError` naming the problem and the fix.
         """
@@ -174,6 +179,92 @@ class GrowthSpec:
             )
         new_layer_positions(src.layers, layers, self.layer_placement)  # validates the placement
         return tgt
+
+    def resolve_config(self, config: "PretrainedConfig", adapter: ArchAdapter) -> tuple[Sizes, "PretrainedConfig"]:
+        """Validate this growth of a model with config ``config``: the sizes (:meth:`resolve`) and
+        the grown model's config, built and checked with the family's config class
+        (:meth:`ArchAdapter.target_config`), before any tensor is touched.
+
+        Returns:
+            ``(target sizes, grown config)``; the config is the one :func:`~progtrain.grow.grow`
+            writes, except the norm epsilon of a non-integer widening.
+
+        Raises:
+            ProgtrainConfigError: naming the problem and, for a config the family's class rejects,
+                the nearest growth sizes it accepts.
+        """
+        src = adapter.read_sizes(config)
+        tgt = self.resolve(src, adapter)
+        sources = layer_sources(src.layers, new_layer_positions(src.layers, tgt.layers, self.layer_placement))
+        try:
+            return tgt, adapter.target_config(config, tgt, layer_sources=sources)
+        except ProgtrainConfigError as e:
+            raise ProgtrainConfigError(f"{e}; {self._suggest(config, adapter, src, tgt)}") from None
+
+    def _suggest(self, config: "PretrainedConfig", adapter: ArchAdapter, src: Sizes, tgt: Sizes) -> str:
+        """The fix for a rejected grown config: the fewest query heads (with the kv-head count nearest
+        the requested ratio) valid at this width, and the smallest width valid with these heads.
+        Each search builds at most ``_SUGGEST_BUDGET`` candidate configs."""
+        has_kv = bool(adapter.config_keys.get("kv_heads"))
+
+        def first_valid(candidates: Iterator[tuple[str, "GrowthSpec"]]) -> str | None:
+            built = 0
+            for text, spec in candidates:
+                try:
+                    t = spec.resolve(src, adapter)
+                except ProgtrainConfigError:
+                    continue
+                if built >= _SUGGEST_BUDGET:
+                    return None
+                built += 1
+                sources = layer_sources(src.layers, new_layer_positions(src.layers, t.layers, spec.layer_placement))
+                try:
+                    adapter.target_config(config, t, layer_sources=sources)
+                except ProgtrainConfigError:
+                    continue
+                return text
+            return None
+
+        def more_heads() -> Iterator[tuple[str, GrowthSpec]]:
+            for heads in range(tgt.heads + 1, 4 * tgt.heads + 1):
+                if not has_kv:
+                    yield f"num_heads={heads}", dataclasses.replace(self, hidden_size=tgt.hidden, num_heads=heads)
+                    continue
+                kvs = sorted((kv for kv in range(1, heads + 1) if heads % kv == 0),
+                             key=lambda kv: (abs(kv * tgt.heads - tgt.kv_heads * heads), kv))
+                for kv in kvs:
+                    yield (f"num_heads={heads} with num_kv_heads={kv}",
+                           dataclasses.replace(self, hidden_size=tgt.hidden, num_heads=heads, num_kv_heads=kv))
+
+        def more_width() -> Iterator[tuple[str, GrowthSpec]]:
+            for hidden in range(tgt.hidden + 1, 4 * tgt.hidden + 1):
+                yield f"hidden_size={hidden}", dataclasses.replace(
+                    self, hidden_size=hidden, num_heads=tgt.heads, num_kv_heads=tgt.kv_heads if has_kv else None
+                )
+
+        fixes = [f for f in (first_valid(more_heads()), first_valid(more_width())) if f]
+        if not fixes:
+            return "choose other growth sizes"
+        return f"use {', or '.join(fixes)} (other sizes as given)"
+
+
+# most candidate configs one search of GrowthSpec._suggest builds (each a deep copy, validation and
+# JSON round trip of the config: about a millisecond)
+_SUGGEST_BUDGET = 64
+
+
+def layer_sources(old_layers: int, new_positions: Sequence[int]) -> list[int]:
+    """For each layer of the grown model, the old layer it comes from: an old layer itself, or for a
+    new layer (index in ``new_positions``) the old layer just below it (layer 0 when it is first)."""
+    new_set = set(new_positions)
+    out, old_i = [], 0
+    for i in range(old_layers + len(new_set)):
+        if i in new_set:
+            out.append(max(old_i - 1, 0))
+        else:
+            out.append(old_i)
+            old_i += 1
+    return out
 
 
 def _check_gqa_regroup(h: int, kv: int, h2: int, kv2: int) -> None:

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from ..errors import ProgtrainConfigError
+from ..errors import ProgtrainConfigError, config_error_text, config_errors
 
 
 @dataclass
@@ -341,17 +341,22 @@ def initial_hf_config(cfg: RunConfig) -> Any:
                 f"model.checkpoint {m.checkpoint!r}: cannot load its config ({str(e).splitlines()[0]}); "
                 f"pass a local checkpoint directory"
             ) from None
+        except config_errors() as e:
+            raise ProgtrainConfigError(
+                f"model.checkpoint {m.checkpoint!r}: its config is invalid ({config_error_text(e)}); fix its config.json"
+            ) from None
     if not m.family:
         raise ProgtrainConfigError("model.family is required (e.g. gpt2, bert, llama) unless model.checkpoint is given")
     try:
         return AutoConfig.for_model(m.family, **(m.config or {}))
-    except (ValueError, TypeError) as e:
-        raise ProgtrainConfigError(f"model.family={m.family!r} with model.config: {str(e).splitlines()[0]}") from None
+    except config_errors() as e:
+        raise ProgtrainConfigError(f"model.family={m.family!r} with model.config: {config_error_text(e)}") from None
 
 
 def stage_sizes(cfg: RunConfig) -> list[Any]:
     """The :class:`~progtrain.arch.base.Sizes` of every stage (stage 0 = the initial model), each
-    growth validated with ``GrowthSpec.resolve`` against the previous stage's sizes."""
+    growth validated with ``GrowthSpec.resolve_config`` against the previous stage's config: the
+    sizes, and the grown config as the family's config class validates it."""
     from ..arch import get_adapter
     from ..grow.spec import GrowthSpec
 
@@ -361,7 +366,8 @@ def stage_sizes(cfg: RunConfig) -> list[Any]:
     for i, st in enumerate(cfg.stages):
         try:
             spec = GrowthSpec.from_dict(dict(st.grow or {}))
-            sizes.append(spec.resolve(sizes[-1], adapter))
+            tgt, hf = spec.resolve_config(hf, adapter)
+            sizes.append(tgt)
         except ProgtrainConfigError as e:
             raise ProgtrainConfigError(f"stages[{i}] ({st.name or 'unnamed'}): {e}") from None
     return sizes
