@@ -63,6 +63,32 @@ def pipeline_tag_for(config: Any) -> str | None:
     return None
 
 
+AUTO_CLASS_FOR_TAG = {
+    "text-generation": "AutoModelForCausalLM",
+    "fill-mask": "AutoModelForMaskedLM",
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "text2text-generation": "AutoModelForSeq2SeqLM",
+    "feature-extraction": "AutoModel",
+}
+
+
+def loader_class_for(config: Any) -> str:
+    """The transformers class name that loads a checkpoint of ``config`` with all its weights: the
+    Auto class of its pipeline tag, else ``architectures[0]`` itself, else ``AutoModel`` (a config
+    naming no architecture has no known head)."""
+    import transformers
+
+    auto = AUTO_CLASS_FOR_TAG.get(pipeline_tag_for(config) or "")
+    if auto:
+        return auto
+    archs = _get(config, "architectures") or []
+    if archs and isinstance(archs[0], str) and hasattr(transformers, archs[0]):
+        return archs[0]
+    return "AutoModel"
+
+
 # ---------------------------------------------------------------------- public API
 def render_model_card(
     *,
@@ -303,8 +329,7 @@ def _summary(config: Any, base_model: str | None, hub_base: str | None, datasets
 
 
 def _usage(config: Any, model_name: str | None) -> list[str]:
-    tag = pipeline_tag_for(config)
-    auto = {"text-generation": "AutoModelForCausalLM", "fill-mask": "AutoModelForMaskedLM"}.get(tag or "", "AutoModel")
+    auto = loader_class_for(config)
     repo = model_name if model_name and _REPO_ID_RE.match(model_name) else "path/to/this/model"
     return [
         "## Usage",

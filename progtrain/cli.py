@@ -80,7 +80,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
     from .init import get_strategy
     from .io import check_safe_weights
 
-    check_safe_weights(args.src)
+    check_safe_weights(args.src, args.task)
     try:
         config = AutoConfig.from_pretrained(args.src)
     except OSError as e:

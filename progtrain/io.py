@@ -58,8 +58,14 @@ def _fsync_dir(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def check_safe_weights(path: str | os.PathLike) -> None:
-    """Refuse a local checkpoint directory whose weights exist only in pickle-based formats."""
+def check_safe_weights(path: str | os.PathLike, task: str | None = None) -> None:
+    """Refuse a local checkpoint directory whose weights exist only in pickle-based formats.
+
+    Raises:
+        ProgtrainConfigError: one line naming the pickle files and the conversion command
+            (:func:`conversion_command`), which loads the checkpoint with its own class so that no
+            weight (e.g. an LM head) is dropped.
+    """
     p = Path(path)
     if not p.is_dir():
         return
@@ -68,9 +74,48 @@ def check_safe_weights(path: str | os.PathLike) -> None:
     if pickles and not has_st:
         raise ProgtrainConfigError(
             f"{p} has only pickle-based weights ({', '.join(pickles)}); progtrain loads safetensors only. "
-            f"Convert once in a trusted environment: "
-            f"AutoModel.from_pretrained('{p}').save_pretrained('{p}', safe_serialization=True)"
+            f"Convert once in a trusted environment: {conversion_command(p, task)}"
         )
+
+
+AUTO_CLASS_FOR_TASK = {
+    "causal_lm": "AutoModelForCausalLM",
+    "masked_lm": "AutoModelForMaskedLM",
+    "base": "AutoModel",
+    None: "AutoModel",
+}
+
+
+def conversion_command(path: str | os.PathLike, task: str | None = None) -> str:
+    """A Python statement that re-saves the checkpoint at ``path`` with safetensors weights.
+
+    It loads the checkpoint with its own class, ``config.json`` ``architectures[0]`` (a transformers
+    class, or custom code through the config's ``auto_map`` with ``trust_remote_code=True``), so
+    every weight is kept; only when the config names no class it falls back to the Auto class of
+    ``task`` (causal_lm, masked_lm, base), with a hint to pick the task's Auto class."""
+    p = str(path)
+    try:
+        config = json.loads((Path(p) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    archs = config.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
+    cls, extra, hint = None, "", ""
+    if arch and hasattr(transformers, arch):
+        cls = arch
+    elif arch and auto_map:
+        keys = [k for k, v in auto_map.items() if k.startswith("AutoModel") and str(v).split(".")[-1] == arch]
+        keys = keys or [k for k in auto_map if k.startswith("AutoModel")]
+        if keys:
+            cls, extra = keys[0], ", trust_remote_code=True"
+    if cls is None:
+        cls = AUTO_CLASS_FOR_TASK.get(task, "AutoModel")
+        if task is None:
+            hint = (" (config.json names no architecture: if the checkpoint has a task head, use that task's "
+                    "Auto class, e.g. AutoModelForCausalLM, so the head is kept)")
+    return f"from transformers import {cls}; {cls}.from_pretrained({p!r}{extra}).save_pretrained({p!r}){hint}"
 
 
 def model_class_for(config: Any, task: str | None = None) -> type[PreTrainedModel]:
@@ -90,7 +135,7 @@ def model_class_for(config: Any, task: str | None = None) -> type[PreTrainedMode
 
 def load_model(path: str, task: str | None = None, **kwargs: Any) -> PreTrainedModel:
     """Load a checkpoint (local directory or hub id) with safetensors only, in fp32 by default."""
-    check_safe_weights(path)
+    check_safe_weights(path, task)
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
