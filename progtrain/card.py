@@ -100,6 +100,7 @@ def render_model_card(
     datasets: list[str] | None = None,
     model_name: str | None = None,
     extra_markdown: str | None = None,
+    license_info: dict | None = None,
 ) -> str:
     """Render the ``README.md`` text of a checkpoint.
 
@@ -118,6 +119,8 @@ def render_model_card(
             appear in the text only).
         model_name: title of the card and repo id used in the usage snippet.
         extra_markdown: appended at the end.
+        license_info: the source card's ``license`` (and ``license_name``/``license_link`` for
+            ``other``) front-matter fields, kept in this card (see :func:`license_of`).
 
     Returns:
         The card text: ``---\\n<yaml>\\n---\\n\\n<markdown>``. Tokens and secrets are redacted.
@@ -143,6 +146,7 @@ def render_model_card(
         base_model=hub_base,
         datasets=hub_datasets or None,
         pipeline_tag=pipeline_tag_for(config),
+        **{k: v for k, v in (license_info or {}).items() if k in LICENSE_FIELDS and v},
     )
     front = data.to_yaml()
 
@@ -169,6 +173,19 @@ def render_model_card(
         md += [extra_markdown.rstrip(), ""]
     text = f"---\n{front.rstrip()}\n---\n\n" + "\n".join(md).rstrip() + "\n"
     return redact(text)
+
+
+LICENSE_FIELDS = ("license", "license_name", "license_link")
+
+
+def license_of(card_path: str | os.PathLike) -> dict:
+    """The license fields (:data:`LICENSE_FIELDS`) of a model card's front matter; {} when the file
+    is missing or its front matter is unreadable (the new card then simply has no license)."""
+    try:
+        meta = parse_front_matter(Path(card_path).read_text())
+    except (OSError, UnicodeDecodeError, ProgtrainConfigError):
+        return {}
+    return {k: meta[k] for k in LICENSE_FIELDS if isinstance(meta.get(k), (str, list)) and meta[k]}
 
 
 def parse_front_matter(text: str) -> dict:

@@ -169,11 +169,16 @@ def save_checkpoint(
     history: list[dict] | None = None,
     extra_files: dict[str, str] | None = None,
     overwrite: bool = False,
+    carry_from: str | os.PathLike | None = None,
 ) -> Path:
     """Save a standard HF checkpoint (safetensors) atomically, with tokenizer and growth history.
 
     ``history`` is written to ``progtrain_growth.json``; ``extra_files`` maps file names to text
-    contents (e.g. a model card ``README.md``). Returns the final directory.
+    contents (e.g. a model card ``README.md``). ``carry_from``: the source checkpoint directory
+    whose other files (generation settings, tokenizer files when ``tokenizer`` is None,
+    sentence-transformers modules with the embedding width updated, custom code, unknown small
+    files) are carried into the new checkpoint, decided by :func:`progtrain.carry.plan_carry`;
+    files the save writes itself are never overwritten. Returns the final directory.
     """
     from .bake import baked_copy
 
@@ -191,6 +196,19 @@ def save_checkpoint(
             )
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if carry_from is not None and Path(carry_from).is_dir():
+            from .carry import carry_files, plan_carry
+
+            try:
+                source_config = AutoConfig.from_pretrained(carry_from)
+            except (OSError, ValueError) as e:
+                raise ProgtrainConfigError(
+                    f"carry_from {str(carry_from)!r} has no loadable config.json ({str(e).splitlines()[0]}): "
+                    f"pass the source checkpoint directory"
+                ) from None
+            plan = plan_carry(carry_from, source_config, model.config, tokenizer_saved=tokenizer is not None,
+                              card_written="README.md" in (extra_files or {}))
+            carry_files(carry_from, tmp, plan)
     logger.info("saved %s to %s", type(model).__name__, out)
     return out
 
