@@ -49,11 +49,14 @@ def baked_copy(model: torch.nn.Module) -> torch.nn.Module:
         return model
     from accelerate import init_empty_weights
 
+    from .carry import carry_generation_config
+
     with init_empty_weights():
         plain = type(model)(model.config)
     values = {n: t.detach().clone() for n, t in plain_named_parameters(model)}
     plain.load_state_dict(values, strict=False, assign=True)
     plain.tie_weights()
+    carry_generation_config(model, plain)
     left = [n for n, p in plain.named_parameters() if p.is_meta]
     if left:
         raise RuntimeError(f"baking left parameters unset: {left}")

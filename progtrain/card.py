@@ -63,6 +63,32 @@ def pipeline_tag_for(config: Any) -> str | None:
     return None
 
 
+AUTO_CLASS_FOR_TAG = {
+    "text-generation": "AutoModelForCausalLM",
+    "fill-mask": "AutoModelForMaskedLM",
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "text2text-generation": "AutoModelForSeq2SeqLM",
+    "feature-extraction": "AutoModel",
+}
+
+
+def loader_class_for(config: Any) -> str:
+    """The transformers class name that loads a checkpoint of ``config`` with all its weights: the
+    Auto class of its pipeline tag, else ``architectures[0]`` itself, else ``AutoModel`` (a config
+    naming no architecture has no known head)."""
+    import transformers
+
+    auto = AUTO_CLASS_FOR_TAG.get(pipeline_tag_for(config) or "")
+    if auto:
+        return auto
+    archs = _get(config, "architectures") or []
+    if archs and isinstance(archs[0], str) and hasattr(transformers, archs[0]):
+        return archs[0]
+    return "AutoModel"
+
+
 # ---------------------------------------------------------------------- public API
 def render_model_card(
     *,
@@ -74,6 +100,7 @@ def render_model_card(
     datasets: list[str] | None = None,
     model_name: str | None = None,
     extra_markdown: str | None = None,
+    license_info: dict | None = None,
 ) -> str:
     """Render the ``README.md`` text of a checkpoint.
 
@@ -92,6 +119,8 @@ def render_model_card(
             appear in the text only).
         model_name: title of the card and repo id used in the usage snippet.
         extra_markdown: appended at the end.
+        license_info: the source card's ``license`` (and ``license_name``/``license_link`` for
+            ``other``) front-matter fields, kept in this card (see :func:`license_of`).
 
     Returns:
         The card text: ``---\\n<yaml>\\n---\\n\\n<markdown>``. Tokens and secrets are redacted.
@@ -117,6 +146,7 @@ def render_model_card(
         base_model=hub_base,
         datasets=hub_datasets or None,
         pipeline_tag=pipeline_tag_for(config),
+        **{k: v for k, v in (license_info or {}).items() if k in LICENSE_FIELDS and v},
     )
     front = data.to_yaml()
 
@@ -143,6 +173,19 @@ def render_model_card(
         md += [extra_markdown.rstrip(), ""]
     text = f"---\n{front.rstrip()}\n---\n\n" + "\n".join(md).rstrip() + "\n"
     return redact(text)
+
+
+LICENSE_FIELDS = ("license", "license_name", "license_link")
+
+
+def license_of(card_path: str | os.PathLike) -> dict:
+    """The license fields (:data:`LICENSE_FIELDS`) of a model card's front matter; {} when the file
+    is missing or its front matter is unreadable (the new card then simply has no license)."""
+    try:
+        meta = parse_front_matter(Path(card_path).read_text())
+    except (OSError, UnicodeDecodeError, ProgtrainConfigError):
+        return {}
+    return {k: meta[k] for k in LICENSE_FIELDS if isinstance(meta.get(k), (str, list)) and meta[k]}
 
 
 def parse_front_matter(text: str) -> dict:
@@ -303,8 +346,7 @@ def _summary(config: Any, base_model: str | None, hub_base: str | None, datasets
 
 
 def _usage(config: Any, model_name: str | None) -> list[str]:
-    tag = pipeline_tag_for(config)
-    auto = {"text-generation": "AutoModelForCausalLM", "fill-mask": "AutoModelForMaskedLM"}.get(tag or "", "AutoModel")
+    auto = loader_class_for(config)
     repo = model_name if model_name and _REPO_ID_RE.match(model_name) else "path/to/this/model"
     return [
         "## Usage",

@@ -80,7 +80,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
     from .init import get_strategy
     from .io import check_safe_weights
 
-    check_safe_weights(args.src)
+    check_safe_weights(args.src, args.task)
     try:
         config = AutoConfig.from_pretrained(args.src)
     except OSError as e:
@@ -102,11 +102,18 @@ def cmd_grow(args: argparse.Namespace) -> int:
     model.eval()
     res = grow(model, spec, init=strategy, seed=args.seed, data=data)
     history = read_growth_history(args.src) + [dict(res.record, source_path=str(args.src))]
-    from .card import render_model_card
+    from .card import license_of, render_model_card
+    from .carry import plan_carry
 
-    card = render_model_card(config=res.model.config, growth_history=history, base_model=str(args.src))
+    # a local source's other files are carried (its tokenizer files verbatim); a hub id gives the
+    # model, its generation settings and the loaded tokenizer only
+    local = Path(args.src).is_dir()
+    card = render_model_card(config=res.model.config, growth_history=history, base_model=str(args.src),
+                             license_info=license_of(Path(args.src) / "README.md") if local else None)
+    plan = plan_carry(args.src, config, res.model.config, tokenizer_saved=not local, card_written=True)
     save_checkpoint(
-        res.model, out, tokenizer=tokenizer, history=history, extra_files={"README.md": card}, overwrite=args.overwrite
+        res.model, out, tokenizer=None if local else tokenizer, history=history, extra_files={"README.md": card},
+        overwrite=args.overwrite, carry_from=args.src if local else None,
     )
 
     s, t = res.source_sizes.as_dict(), res.target_sizes.as_dict()
@@ -120,8 +127,32 @@ def cmd_grow(args: argparse.Namespace) -> int:
         f"= {dev['max_ref']:.3g}) on {dev['batch']}x{dev['seq_len']} random tokens: {status}"
     )
     print(f"init: {strategy.name}   seed: {args.seed}   time: {res.record['seconds']:.1f} s")
+    _print_carry(plan, args.src, local)
     print(f"saved to {out}")
     return 0
+
+
+def _print_carry(plan: Sequence[Any], src: str, local: bool) -> None:
+    """Which files of the source directory were not carried (and why), updated, or carried unknown."""
+    if not local:
+        print(f"files: {src} is not a local directory, so only the model, its generation settings and the "
+              f"tokenizer were carried (download it with `hf download {src} --local-dir DIR` and grow DIR "
+              f"to carry its other files)")
+        return
+    not_carried = [d for d in plan if not d.carried]
+    if not_carried:
+        print("files of the source not carried:")
+        w = max(len(d.path) for d in not_carried)
+        for d in not_carried:
+            print(f"  {d.path.ljust(w)}  {'replaced' if d.action == 'rewrite' else 'dropped'}: {d.reason}")
+    for d in plan:
+        if d.action == "update":
+            print(f"updated {d.path}: {d.reason}")
+    unknown = [d.path for d in plan if d.carried and d.rule == "unknown"]
+    if unknown:
+        print(f"carried as is (not known checkpoint files): {', '.join(unknown)}")
+    carried = sum(d.carried for d in plan)
+    print(f"carried {carried} of {len(plan)} source files")
 
 
 # ---------------------------------------------------------------------- verify
@@ -177,8 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
         "grow",
         help="grow a Hugging Face checkpoint to larger sizes and save it as a standard checkpoint",
         description="Grow SRC (a local checkpoint directory, or a hub id when online) and save the grown model "
-        "to OUT as a standard Hugging Face checkpoint (safetensors, same model class, tokenizer carried along, "
-        "growth history in progtrain_growth.json). Unset sizes stay as they are. Example:\n"
+        "to OUT as a standard Hugging Face checkpoint (safetensors, same model class, growth history in "
+        "progtrain_growth.json). The files of SRC that the growth does not invalidate are carried along "
+        "(generation settings, tokenizer, sentence-transformers modules with the embedding size updated, custom "
+        "code, unknown small files); the ones not carried are listed with the reason. Unset sizes stay as "
+        "they are. Example:\n"
         "  progtrain grow ./small ./big --hidden-size 768 --num-heads 24 --intermediate-size 3072",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

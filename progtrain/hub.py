@@ -27,9 +27,11 @@ from .errors import ProgtrainConfigError
 
 logger = logging.getLogger(__name__)
 
-# Uploaded: the checkpoint, tokenizer, card, growth history, run config, metrics and plots.
+# Uploaded: the checkpoint, tokenizer, card, growth history, run config, metrics and plots, and the
+# files carried from a grown model's source (custom code named in auto_map, chat templates).
 INCLUDE = (
-    "*.json", "*.safetensors", "tokenizer*", "vocab.*", "merges.txt", "*.model", "chat_template.*",
+    "*.json", "*.safetensors", "tokenizer*", "vocab.*", "merges.txt", "*.model", "chat_template.*", "*.jinja",
+    "*.tiktoken", "*.py",
     "*.md", "*.yaml", "*.yml", "*.csv", "*.jsonl", "*.tsv", "*.txt", "*.png", "*.svg", "*.pdf",
 )
 # Never uploaded, even when INCLUDE matches: training state, pickles, hidden and temporary files.

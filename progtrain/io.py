@@ -58,8 +58,14 @@ def _fsync_dir(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def check_safe_weights(path: str | os.PathLike) -> None:
-    """Refuse a local checkpoint directory whose weights exist only in pickle-based formats."""
+def check_safe_weights(path: str | os.PathLike, task: str | None = None) -> None:
+    """Refuse a local checkpoint directory whose weights exist only in pickle-based formats.
+
+    Raises:
+        ProgtrainConfigError: one line naming the pickle files and the conversion command
+            (:func:`conversion_command`), which loads the checkpoint with its own class so that no
+            weight (e.g. an LM head) is dropped.
+    """
     p = Path(path)
     if not p.is_dir():
         return
@@ -68,9 +74,48 @@ def check_safe_weights(path: str | os.PathLike) -> None:
     if pickles and not has_st:
         raise ProgtrainConfigError(
             f"{p} has only pickle-based weights ({', '.join(pickles)}); progtrain loads safetensors only. "
-            f"Convert once in a trusted environment: "
-            f"AutoModel.from_pretrained('{p}').save_pretrained('{p}', safe_serialization=True)"
+            f"Convert once in a trusted environment: {conversion_command(p, task)}"
         )
+
+
+AUTO_CLASS_FOR_TASK = {
+    "causal_lm": "AutoModelForCausalLM",
+    "masked_lm": "AutoModelForMaskedLM",
+    "base": "AutoModel",
+    None: "AutoModel",
+}
+
+
+def conversion_command(path: str | os.PathLike, task: str | None = None) -> str:
+    """A Python statement that re-saves the checkpoint at ``path`` with safetensors weights.
+
+    It loads the checkpoint with its own class, ``config.json`` ``architectures[0]`` (a transformers
+    class, or custom code through the config's ``auto_map`` with ``trust_remote_code=True``), so
+    every weight is kept; only when the config names no class it falls back to the Auto class of
+    ``task`` (causal_lm, masked_lm, base), with a hint to pick the task's Auto class."""
+    p = str(path)
+    try:
+        config = json.loads((Path(p) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    archs = config.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
+    cls, extra, hint = None, "", ""
+    if arch and hasattr(transformers, arch):
+        cls = arch
+    elif arch and auto_map:
+        keys = [k for k, v in auto_map.items() if k.startswith("AutoModel") and str(v).split(".")[-1] == arch]
+        keys = keys or [k for k in auto_map if k.startswith("AutoModel")]
+        if keys:
+            cls, extra = keys[0], ", trust_remote_code=True"
+    if cls is None:
+        cls = AUTO_CLASS_FOR_TASK.get(task, "AutoModel")
+        if task is None:
+            hint = (" (config.json names no architecture: if the checkpoint has a task head, use that task's "
+                    "Auto class, e.g. AutoModelForCausalLM, so the head is kept)")
+    return f"from transformers import {cls}; {cls}.from_pretrained({p!r}{extra}).save_pretrained({p!r}){hint}"
 
 
 def model_class_for(config: Any, task: str | None = None) -> type[PreTrainedModel]:
@@ -90,7 +135,7 @@ def model_class_for(config: Any, task: str | None = None) -> type[PreTrainedMode
 
 def load_model(path: str, task: str | None = None, **kwargs: Any) -> PreTrainedModel:
     """Load a checkpoint (local directory or hub id) with safetensors only, in fp32 by default."""
-    check_safe_weights(path)
+    check_safe_weights(path, task)
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
@@ -124,11 +169,16 @@ def save_checkpoint(
     history: list[dict] | None = None,
     extra_files: dict[str, str] | None = None,
     overwrite: bool = False,
+    carry_from: str | os.PathLike | None = None,
 ) -> Path:
     """Save a standard HF checkpoint (safetensors) atomically, with tokenizer and growth history.
 
     ``history`` is written to ``progtrain_growth.json``; ``extra_files`` maps file names to text
-    contents (e.g. a model card ``README.md``). Returns the final directory.
+    contents (e.g. a model card ``README.md``). ``carry_from``: the source checkpoint directory
+    whose other files (generation settings, tokenizer files when ``tokenizer`` is None,
+    sentence-transformers modules with the embedding width updated, custom code, unknown small
+    files) are carried into the new checkpoint, decided by :func:`progtrain.carry.plan_carry`;
+    files the save writes itself are never overwritten. Returns the final directory.
     """
     from .bake import baked_copy
 
@@ -146,6 +196,19 @@ def save_checkpoint(
             )
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if carry_from is not None and Path(carry_from).is_dir():
+            from .carry import carry_files, plan_carry
+
+            try:
+                source_config = AutoConfig.from_pretrained(carry_from)
+            except (OSError, ValueError) as e:
+                raise ProgtrainConfigError(
+                    f"carry_from {str(carry_from)!r} has no loadable config.json ({str(e).splitlines()[0]}): "
+                    f"pass the source checkpoint directory"
+                ) from None
+            plan = plan_carry(carry_from, source_config, model.config, tokenizer_saved=tokenizer is not None,
+                              card_written="README.md" in (extra_files or {}))
+            carry_files(carry_from, tmp, plan)
     logger.info("saved %s to %s", type(model).__name__, out)
     return out
 

@@ -1,6 +1,7 @@
 """Safe loading: pickle-only checkpoints are refused everywhere, and no pickle is ever executed."""
 
 import ast
+import json
 import re
 import shutil
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+import transformers as T
 
 import progtrain
 from progtrain.cli import main
@@ -120,28 +122,100 @@ def test_safetensors_preferred_when_both_exist(pickle_only, safe_dir, tmp_path, 
     assert not (tmp_path / "grown" / "pytorch_model.bin").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="progtrain.io.check_safe_weights advises AutoModel.from_pretrained, which "
-                   "drops the LM head and rewrites config.architectures; it should name config.architectures[0]")
-def test_conversion_advice_keeps_the_model(tmp_path, capsys):
-    """Following the printed advice (in a trusted environment) gives a loadable checkpoint of the same model."""
-    d = tmp_path / "trusted_pickle"
+def write_trusted_pickle(d: Path, model) -> None:
+    """A pickle-only checkpoint (config + ``pytorch_model.bin`` holding only tensors) of ``model``."""
     d.mkdir()
-    model = tiny_model("gpt2")
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(d)
-    torch.save(model.state_dict(), d / "pytorch_model.bin")
-    with pytest.raises(ProgtrainConfigError) as e:
-        load_model(str(d))
-    advice = str(e.value).split("Convert once in a trusted environment: ", 1)[1]
-    cls_name = advice.split(".from_pretrained", 1)[0]
-    import transformers
+    torch.save({k: v.clone().contiguous() for k, v in model.state_dict().items()}, d / "pytorch_model.bin")
 
-    exec(advice, {cls_name: getattr(transformers, cls_name)})  # the advice, exactly as printed
+
+def refusal_advice(d: Path, task=None) -> str:
+    with pytest.raises(ProgtrainConfigError) as e:
+        load_model(str(d), task=task)
+    return str(e.value).split("Convert once in a trusted environment: ", 1)[1]
+
+
+@pytest.mark.parametrize("family,tie", [("gpt2", False), ("gpt2", True), ("bert", False), ("llama", False)])
+def test_conversion_advice_keeps_the_model(tmp_path, family, tie):
+    """Following the printed advice (in a trusted environment) gives a checkpoint of the same class
+    holding every weight of the original (the LM head included), with identical logits."""
+    model = tiny_model(family, tie=tie)
+    d = tmp_path / "trusted_pickle"
+    write_trusted_pickle(d, model)
+    advice = refusal_advice(d)
+    assert f"from transformers import {type(model).__name__};" in advice and "AutoModel" not in advice
+    exec(advice, {})  # the advice, exactly as printed
     loaded = load_model(str(d))
     assert type(loaded) is type(model)
+    want, got = model.state_dict(), loaded.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    if not tie and family != "bert":
+        assert not torch.equal(got["lm_head.weight"], got[next(k for k in got if "embed" in k or "wte" in k)])
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_cli_grow_advice_names_the_class(tmp_path, capsys):
+    """The CLI's one-line refusal carries the same class-naming advice."""
+    model = tiny_model("gpt2", tie=False)
+    d = tmp_path / "trusted_pickle"
+    write_trusted_pickle(d, model)
+    code, _, err = run(capsys, "grow", d, tmp_path / "out", "--hidden-size", 64)
+    assert_refused(code, err, d)
+    assert "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained(" in err
+
+
+@pytest.mark.parametrize("task,cls", [(None, "AutoModel"), ("causal_lm", "AutoModelForCausalLM"),
+                                      ("masked_lm", "AutoModelForMaskedLM")])
+def test_conversion_advice_without_architectures_uses_the_task(tmp_path, task, cls):
+    """A config that names no class: the Auto class of the task asked for; with no task, AutoModel
+    and a hint that a head needs the task's Auto class."""
+    model = tiny_model("gpt2")
+    d = tmp_path / "no_arch"
+    write_trusted_pickle(d, model)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["architectures"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    advice = refusal_advice(d, task)
+    assert advice.startswith(f"from transformers import {cls}; {cls}.from_pretrained(")
+    assert ("names no architecture" in advice) == (task is None)
+
+
+def test_conversion_advice_custom_code(tmp_path):
+    """Custom code: the Auto class that auto_map binds to the checkpoint's class, with trust_remote_code."""
+    from progtrain.io import conversion_command
+
+    d = tmp_path / "custom"
+    d.mkdir()
+    (d / "config.json").write_text(
+        '{"model_type": "mine", "architectures": ["MyForCausalLM"], "auto_map": {"AutoConfig": '
+        '"configuration_mine.MyConfig", "AutoModel": "modeling_mine.MyModel", '
+        '"AutoModelForCausalLM": "modeling_mine.MyForCausalLM"}}')
+    cmd = conversion_command(d)
+    assert cmd == (f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained("
+                   f"{str(d)!r}, trust_remote_code=True).save_pretrained({str(d)!r})")
+
+
+@pytest.mark.parametrize("cls,want", [
+    (T.GPT2LMHeadModel, "AutoModelForCausalLM"), (T.BertForMaskedLM, "AutoModelForMaskedLM"),
+    (T.BertForSequenceClassification, "AutoModelForSequenceClassification"),
+    (T.BertForTokenClassification, "AutoModelForTokenClassification"),
+    (T.BertForQuestionAnswering, "AutoModelForQuestionAnswering"), (T.BertModel, "AutoModel"),
+    (T.BertForPreTraining, "BertForPreTraining"),
+])
+def test_card_usage_loader_keeps_the_head(cls, want):
+    """The model card's usage snippet names a class that loads the checkpoint with its head."""
+    from progtrain.card import loader_class_for
+
+    cfg = (T.GPT2Config if cls is T.GPT2LMHeadModel else T.BertConfig)()
+    cfg.architectures = [cls.__name__]
+    assert loader_class_for(cfg) == want
+    loader = getattr(T, want)
+    if want.startswith("Auto"):
+        assert loader._model_mapping[type(cfg)] is cls
 
 
 def _torch_load_calls(tree: ast.AST):

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from .. import arch  # noqa: F401  (registers adapters)
 from .. import init as _init  # noqa: F401  (registers strategies)
 from ..arch.base import BLOCK_OUTPUT_ROLES, Sizes, base_prefix, get_adapter, has_tied_head, iter_params
+from ..carry import carry_generation_config
 from ..errors import ProgtrainConfigError
 from ..init.base import GrowthContext, TensorGrowth, get_strategy
 from .plan import FREE, ZERO, ParamMap, SpaceMaps, apply_plans
@@ -31,7 +32,8 @@ class GrowthResult:
     """What :func:`grow` returns.
 
     Attributes:
-        model: the grown model (same class as the input, new config, same dtype and train/eval mode).
+        model: the grown model (same class as the input, new config, same dtype and train/eval mode,
+            a copy of the input's ``generation_config``).
         source_sizes / target_sizes: the sizes before and after.
         param_maps: grown parameter name -> :class:`ParamMap` (for optimizer-state surgery and
             birth-stage bookkeeping).
@@ -128,6 +130,7 @@ def grow(
         new_model = type(model)(new_config)
     if tied:
         new_model.tie_weights()
+    carry_generation_config(model, new_model)  # eos ids, sampling defaults, max_new_tokens: vocab is unchanged
     new_prefix = base_prefix(new_model)
     gen = torch.Generator().manual_seed(seed)
     ctx = GrowthContext(old_model=model, new_model=None, maps=maps, param_maps={}, data=data)

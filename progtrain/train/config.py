@@ -333,7 +333,7 @@ def initial_hf_config(cfg: RunConfig) -> Any:
     if m.checkpoint:
         from ..io import check_safe_weights
 
-        check_safe_weights(m.checkpoint)
+        check_safe_weights(m.checkpoint, m.task)
         try:
             return AutoConfig.from_pretrained(m.checkpoint)
         except OSError as e:

@@ -36,6 +36,7 @@ from accelerate import Accelerator, init_empty_weights
 from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
 from transformers import PreTrainedModel
 
+from ..carry import carry_generation_config
 from ..errors import ProgtrainConfigError
 
 logger = logging.getLogger(__name__)
@@ -327,6 +328,7 @@ def _rebuilt_model(unwrapped: PreTrainedModel, values: dict[str, torch.Tensor]) 
         fresh = type(unwrapped)(config)
     _, unexpected = fresh.load_state_dict(dict(values), strict=False, assign=True)
     fresh.tie_weights()
+    carry_generation_config(unwrapped, fresh)
     old_buffers = dict(unwrapped.named_buffers())
     for name, _ in list(fresh.named_buffers()):  # persistent or not (e.g. rotary inv_freq)
         if name in old_buffers:

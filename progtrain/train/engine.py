@@ -486,8 +486,10 @@ class ProgressiveTrainer:
             card = model_card(full.config, self.history, rows, final, self.data.source, cfg)
             # the final dir carries the run's metrics and plot too, so it is complete for the Hub
             extra = {"README.md": card, "metrics.jsonl": (self.out / "metrics.jsonl").read_text()}
+            # a run started from a checkpoint keeps its other files (generation settings travel with
+            # the model object; sentence-transformers modules, custom code, ... are carried here)
             save_checkpoint(full, self.out / "final", tokenizer=self.data.tokenizer, history=self.history,
-                            extra_files=extra, overwrite=True)
+                            extra_files=extra, overwrite=True, carry_from=cfg.model.checkpoint)
             if (self.out / "loss_vs_flops.png").exists():
                 shutil.copyfile(self.out / "loss_vs_flops.png", self.out / "final" / "loss_vs_flops.png")
             tmp = self.out / "README.md.tmp"
