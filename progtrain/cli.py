@@ -74,7 +74,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ProgtrainConfigError(f"output directory {out} exists and is not empty: pass --overwrite or another path")
     # validate sizes and the strategy against the config before loading any weights
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     from .arch import get_adapter
     from .init import get_strategy
@@ -92,13 +92,31 @@ def cmd_grow(args: argparse.Namespace) -> int:
     adapter = get_adapter(config)
     spec.resolve_config(config, adapter)  # the sizes and the grown config, as transformers will validate it
     strategy = get_strategy(args.init, **dict(args.init_option or []))
+    if args.calib_batches < 1:
+        raise ProgtrainConfigError(f"--calib-batches must be at least 1, got {args.calib_batches}")
     model = load_model(args.src, task=args.task)
     tokenizer = load_tokenizer(args.src)
     data = None
     if strategy.needs_data:
-        from .grow.calibration import calibration_batches
+        from .grow.calibration import calibration_batches, fit_problems, input_limits
 
-        data = calibration_batches(model, tokenizer, args.data, n_batches=args.calib_batches, seed=args.seed)
+        calib_tok = tokenizer
+        if args.tokenizer:
+            try:
+                calib_tok = AutoTokenizer.from_pretrained(args.tokenizer)
+            except Exception as e:
+                raise ProgtrainConfigError(
+                    f"--tokenizer {args.tokenizer!r}: cannot load a tokenizer ({type(e).__name__}: "
+                    f"{(str(e).splitlines() or [''])[0]}); pass a directory with tokenizer files"
+                ) from None
+            problems = fit_problems(input_limits(model), tokenizer=calib_tok,
+                                    masked=type(model).__name__.endswith("ForMaskedLM"))
+            if problems:
+                raise ProgtrainConfigError(
+                    f"--tokenizer {args.tokenizer} does not fit {args.src}: {'; '.join(problems)}; "
+                    f"pass the tokenizer the model was trained with"
+                )
+        data = calibration_batches(model, calib_tok, args.data, n_batches=args.calib_batches, seed=args.seed)
     model.eval()
     res = grow(model, spec, init=strategy, seed=args.seed, data=data)
     history = read_growth_history(args.src) + [dict(res.record, source_path=str(args.src))]
@@ -159,6 +177,7 @@ def _print_carry(plan: Sequence[Any], src: str, local: bool) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     import torch
 
+    from .grow.calibration import fit_problems, input_limits
     from .io import load_model, load_tokenizer, read_growth_history
     from .verify import compare_outputs, random_inputs
 
@@ -166,12 +185,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     b = load_model(args.out)
     tok = load_tokenizer(args.src)
     mask = None
+    # sentences within both models' limits: positions cap the length, the tokenizer's ids must fit
+    max_len = min([args.seq_len] + [m for m in (input_limits(a).max_positions, input_limits(b).max_positions) if m])
+    if tok is not None and not args.random:
+        problems = fit_problems(input_limits(a), tokenizer=tok) + fit_problems(input_limits(b), tokenizer=tok)
+        if tok.pad_token_id is None:  # pad with end-of-text (masked out), as GPT-2 users do
+            if tok.eos_token is None:
+                problems.append("it has neither a padding nor an end-of-text token")
+            else:
+                tok.pad_token = tok.eos_token
+        if problems:
+            logger.warning("not using the tokenizer of %s (%s): comparing on random tokens", args.src, problems[0])
+            tok = None
     if tok is not None and not args.random:
         texts = DEFAULT_SENTENCES
         if args.text:
             texts = [l for l in Path(args.text).read_text().splitlines() if l.strip()]
         texts = (texts * args.batch)[: args.batch]
-        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=args.seq_len)
+        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_len)
         ids, mask = enc["input_ids"], enc["attention_mask"]
         source = f"{len(texts)} sentences tokenised with the source tokenizer"
     else:
@@ -234,7 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-option", type=_kv, action="append", metavar="KEY=VALUE", help="option of the init strategy (repeatable)")
     g.add_argument("--symmetry-noise", type=float, default=1e-2, help="relative std of the cancelling noise on tiled copies")
     g.add_argument("--task", choices=["causal_lm", "masked_lm", "base"], help="load SRC as this task (default: its config's architecture)")
-    g.add_argument("--data", help="text file for data-driven init strategies (default: the embedded corpus or random tokens)")
+    g.add_argument(
+        "--data",
+        help="text file for data-driven init strategies (gradinit, gradmax, signed_split), tokenised with "
+        "--tokenizer or SRC's tokenizer; default: the embedded corpus, or, when SRC has no tokenizer or one whose "
+        "ids exceed the model's vocabulary, token sequences sampled from the model itself (with a warning)",
+    )
+    g.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="tokenizer (directory or hub id) for the calibration text of data-driven strategies, when SRC has "
+        "none or a mismatched one; its ids must fit the model's vocabulary. Not saved with OUT",
+    )
     g.add_argument("--calib-batches", type=int, default=4, help="batches of calibration data for data-driven strategies")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

@@ -145,8 +145,21 @@ def load_model(path: str, task: str | None = None, **kwargs: Any) -> PreTrainedM
     return cls.from_pretrained(path, config=config, use_safetensors=True, **kwargs)
 
 
+# files of which a saved tokenizer has at least one (transformers' tokenizer_config.json / tokenizer.json,
+# or the vocabulary files of older checkpoints)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(path: str) -> Any | None:
-    """The tokenizer saved with a checkpoint, or None when there is none."""
+    """The tokenizer saved with a checkpoint, or None when there is none.
+
+    A local directory without any tokenizer file (``TOKENIZER_FILES``) has none: transformers 5 would
+    otherwise build an empty tokenizer from the model config alone (one token, every text -> []).
+    """
+    if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        logger.info("no tokenizer files in %s", path)
+        return None
     try:
         return transformers.AutoTokenizer.from_pretrained(path)
     except Exception as e:  # no tokenizer files: a model-only checkpoint is fine

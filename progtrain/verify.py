@@ -9,12 +9,15 @@ from transformers import PreTrainedModel
 
 
 def random_inputs(model: PreTrainedModel, batch: int = 2, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
-    """Random token ids (avoiding id 0, often padding), reproducible from ``seed``."""
+    """Random token ids (avoiding id 0, often padding), reproducible from ``seed``; ``[batch,
+    min(seq_len, positions)]`` within the model's limits (``progtrain.grow.calibration.input_limits``)."""
+    from .grow.calibration import input_limits
+
     g = torch.Generator().manual_seed(seed)
-    vocab = int(model.config.vocab_size)
-    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if max_pos:
-        seq_len = min(seq_len, int(max_pos))
+    limits = input_limits(model)
+    vocab = limits.vocab_size
+    if limits.max_positions:
+        seq_len = min(seq_len, limits.max_positions)
     return torch.randint(1, vocab, (batch, seq_len), generator=g)
 
 

@@ -90,15 +90,16 @@ def grow(
         init_kwargs: options of the strategy.
         seed: seeds the symmetry-breaking noise and the strategy's random draws.
         verify: measure max |delta logits| between the old and grown model on random tokens (fp32).
-        data: batches for data-driven strategies (GradInit, splitting, GradMax).
+        data: batches for data-driven strategies (GradInit, splitting, GradMax); checked against
+            the model's input limits (``progtrain.grow.calibration.check_batches_fit``).
 
     Returns:
         A :class:`GrowthResult`; the input model is not modified.
 
     Raises:
-        ProgtrainConfigError: bad sizes, unsupported architecture or strategy, or a grown config
-            the family's config class rejects (:meth:`GrowthSpec.resolve_config`); raised before any
-            tensor is built.
+        ProgtrainConfigError: bad sizes, unsupported architecture or strategy, a grown config the
+            family's config class rejects (:meth:`GrowthSpec.resolve_config`), or calibration batches
+            outside the model's limits; raised before any tensor is built.
     """
     t0 = time.perf_counter()
     if spec is None:
@@ -116,6 +117,11 @@ def grow(
     src = adapter.read_sizes(model.config)
     tgt, _ = spec.resolve_config(model.config, adapter)  # sizes and the grown config, before any tensor
     strategy = get_strategy(init, **(init_kwargs or {}))
+    if data is not None and strategy.needs_data:  # a clear error, not an IndexError inside the model
+        from .calibration import check_batches_fit, input_limits
+
+        data = list(data)
+        check_batches_fit(data, input_limits(model))
     prefix = base_prefix(model)
     tied = has_tied_head(model)
 

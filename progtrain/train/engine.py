@@ -70,23 +70,32 @@ def lr_factor(cfg: RunConfig, step: int) -> float:
 def build_initial_model(cfg: RunConfig, tokenizer: Any) -> PreTrainedModel:
     """The stage-0 model: the given checkpoint, or a fresh model of ``model.family`` with the
     tokenizer's vocabulary and special-token ids (fp32, seeded by ``cfg.seed``)."""
+    from ..grow.calibration import fit_problems, input_limits
     from ..io import load_model, model_class_for
     from .config import initial_hf_config
 
+    masked = cfg.model.task == "masked_lm"
     if cfg.model.checkpoint:
-        return load_model(cfg.model.checkpoint, task=cfg.model.task)
+        # the run's blocks (and the calibration batches of data-driven growth, drawn from them) must fit
+        model = load_model(cfg.model.checkpoint, task=cfg.model.task)
+        problems = fit_problems(input_limits(model), cfg.data.seq_len, tokenizer, masked=masked)
+        if problems:
+            raise ProgtrainConfigError(
+                f"model.checkpoint {cfg.model.checkpoint} does not fit the run's data: {'; '.join(problems)}: "
+                f"lower data.seq_len, or set data.tokenizer to the checkpoint's tokenizer"
+            )
+        return model
     hf = initial_hf_config(cfg)
     hf.vocab_size = len(tokenizer)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         tid = getattr(tokenizer, key, None)
         if tid is not None:
             setattr(hf, key, int(tid))
-    for key in ("n_positions", "max_position_embeddings"):
-        if hasattr(hf, key) and getattr(hf, key) is not None and getattr(hf, key) < cfg.data.seq_len:
-            raise ProgtrainConfigError(
-                f"model.config.{key}={getattr(hf, key)} is shorter than data.seq_len={cfg.data.seq_len}: "
-                f"raise {key} or lower seq_len"
-            )
+    problems = fit_problems(input_limits(hf), cfg.data.seq_len)
+    if problems:
+        raise ProgtrainConfigError(
+            f"model.config: {'; '.join(problems)} (data.seq_len): raise the model's positions or lower data.seq_len"
+        )
     cls = model_class_for(hf, cfg.model.task)
     torch.manual_seed(cfg.seed)
     model = cls(hf)
