@@ -28,34 +28,57 @@ def temp_dirs(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.tmp-*"))
 
 
-def start_grow(src: Path, out: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+# Injected into the child process (sitecustomize on its PYTHONPATH): the child stops itself (SIGSTOP) at
+# the first rename of a temporary directory whose name contains $PROGTRAIN_TEST_STOP_AT, i.e. after
+# every file of the save is written and before anything becomes visible. The parent then SIGKILLs it:
+# a deterministic kill at the last moment before the rename, whatever the machine's speed.
+STOPPER = """
+import os, signal
+_replace = os.replace
+def _stopping_replace(src, dst, *args, **kwargs):
+    tag = os.environ.get("PROGTRAIN_TEST_STOP_AT")
+    if tag and any(tag in os.path.basename(os.fspath(x)) for x in (src, dst)):
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return _replace(src, dst, *args, **kwargs)
+os.replace = _stopping_replace
+"""
+
+
+def child_env(tmp_path: Path, stop_at: str) -> dict[str, str]:
+    hook = tmp_path / "stop_hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(STOPPER)
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PROGTRAIN_TEST_STOP_AT=stop_at,
+                PYTHONPATH=os.pathsep.join([str(hook), *sys.path]))
+
+
+def start_grow(tmp_path: Path, src: Path, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "progtrain.cli", "grow", str(src), str(out), "--num-layers", "8",
-                             *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             *extra], env=child_env(tmp_path, f".{out.name}."), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
 
 
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 240.0) -> float:
-    """SIGKILL ``proc`` as soon as ``ready()`` is true (polled every ~1 ms); return the poll time in s."""
+def kill_when_stopped(proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    """Wait until ``proc`` stops itself at the injected rename, then SIGKILL it."""
     t0 = time.monotonic()
-    while not ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"grow exited ({proc.returncode}) before the save was caught: "
-                                 f"{proc.stderr.read().decode()[-2000:]}")
+    while True:
+        pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+        if pid and os.WIFSTOPPED(status):
+            break
+        if pid:  # exited without reaching the rename
+            raise AssertionError(f"child exited before the save was caught: {proc.stderr.read().decode()[-2000:]}")
         if time.monotonic() - t0 > timeout:
             proc.kill()
-            raise AssertionError("the save never started")
-        time.sleep(0.001)
+            raise AssertionError("the save never reached its rename")
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    return time.monotonic() - t0
 
 
 def test_sigkill_mid_save_leaves_no_partial_output(tmp_path, capsys):
-    # ~120 MB of fp32 weights after growth: the save takes long enough to be caught by 1 ms polling
-    # (27 MB was sometimes written before the first poll on an idle machine)
     src = tmp_path / "src"
-    cfg = T.GPT2Config(n_embd=512, n_layer=2, n_head=4, vocab_size=8000, n_positions=64)
+    cfg = T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=500, n_positions=64)
     T.GPT2LMHeadModel(cfg).save_pretrained(src)
 
     # a previous good output, replaced with --overwrite by the killed run
@@ -64,18 +87,19 @@ def test_sigkill_mid_save_leaves_no_partial_output(tmp_path, capsys):
     before = snapshot(prev)
     fresh = tmp_path / "fresh"
 
-    p_over = start_grow(src, prev, "--overwrite")
-    p_fresh = start_grow(src, fresh)
-    # fresh: kill as soon as the temp dir exists; overwrite: once the weights file is being written
-    kill_when(p_fresh, lambda: bool(temp_dirs(fresh)))
-    kill_when(p_over, lambda: any((t / "model.safetensors").exists() for t in temp_dirs(prev)))
+    p_over = start_grow(tmp_path, src, prev, "--overwrite")
+    p_fresh = start_grow(tmp_path, src, fresh)
+    # both are killed with the whole save written to their temp dirs, right before the first rename
+    kill_when_stopped(p_fresh)
+    kill_when_stopped(p_over)
+    assert any((t / "model.safetensors").exists() for t in temp_dirs(prev))
 
     assert not fresh.exists(), "a killed save left a partial output directory"
     assert snapshot(prev) == before, "the previous output changed"
     old = load_model(str(prev))
     assert old.config.n_layer == 3
     # whatever the kill left behind is hidden temp data, never the output itself
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("src", "prev")]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("src", "prev", "stop_hook")]
     assert all(n.startswith((".prev.tmp-", ".fresh.tmp-")) for n in leftovers), leftovers
     assert any(n.startswith(".prev.tmp-") for n in leftovers)  # the kill really happened mid-save
 
@@ -115,11 +139,12 @@ def test_sigkill_mid_training_checkpoint_then_resume(tmp_path):
     out = tmp_path / "run"
     cfg = tmp_path / "run.yaml"
     cfg.write_text(TRAIN_CONFIG.format(out=out))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    env = child_env(tmp_path, ".step-00000010.")
     cmd = [sys.executable, "-m", "progtrain.cli", "train", str(cfg)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ck_root = out / "checkpoints"
-    kill_when(proc, lambda: bool(list(ck_root.glob(".step-00000010.tmp-*"))))
+    kill_when_stopped(proc)
+    env.pop("PROGTRAIN_TEST_STOP_AT")
 
     done = list_checkpoints(out)
     assert [p.name for p in done] == ["step-00000005", "step-00000008"], done
