@@ -1,7 +1,24 @@
 """Qwen2 (``Qwen2Model``, ``Qwen2ForCausalLM``): Llama's layout with q/k/v biases and a per-layer
 ``layer_types`` list (rebuilt on depth growth)."""
 
-from .base import register_adapter
+from .base import ConfigOption, register_adapter
 from .llama import llama_like
 
-QWEN2 = register_adapter(llama_like("qwen2", ("qwen2",)))
+_PER_LAYER = (
+    "sliding or full attention per layer, as listed in layer_types (derived from use_sliding_window, "
+    "sliding_window and max_window_layers); depth growth rebuilds layer_types so that every block "
+    "keeps its own attention type and a new block takes its source block's"
+)
+
+QWEN2 = register_adapter(
+    llama_like(
+        "qwen2",
+        ("qwen2",),
+        {
+            "layer_types": ConfigOption(_PER_LAYER),
+            "use_sliding_window": ConfigOption(_PER_LAYER),
+            "sliding_window": ConfigOption(_PER_LAYER),
+            "max_window_layers": ConfigOption(_PER_LAYER),
+        },
+    )
+)
