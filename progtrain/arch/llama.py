@@ -8,15 +8,13 @@ their modules only import it and register their ``model_type``.
 
 from .base import ArchAdapter, ConfigOption, P, register_adapter
 
-#: Options of Llama's config class that change the maths; Mistral and Qwen2 add their own.
-LLAMA_OPTIONS = {
+#: Options that change the maths, shared by the families laid out like Llama; each family adds its own.
+LLAMA_LIKE_OPTIONS = {
     "rope_parameters": ConfigOption(
         "rotary variant (default, linear, dynamic, yarn, llama3, longrope ...), base and "
         "partial_rotary_factor: frequencies depend on head_dim, which the growth keeps fixed"
     ),
     "head_dim": ConfigOption("an explicit head_dim (may differ from hidden/heads); kept fixed"),
-    "attention_bias": ConfigOption("q/k/v/o biases, grown like their weights"),
-    "mlp_bias": ConfigOption("gate/up/down biases, grown like their weights"),
     "hidden_act": ConfigOption(
         "any gate activation: new FFN units write through zero down columns, so f(0) never reaches "
         "the stream"
@@ -29,7 +27,7 @@ def llama_like(
     name: str, model_types: tuple[str, ...], config_options: dict[str, ConfigOption] | None = None
 ) -> ArchAdapter:
     """An adapter for a family laid out like ``LlamaModel`` (``model.layers.{i}.self_attn.q_proj`` ...);
-    ``config_options`` are added to :data:`LLAMA_OPTIONS`."""
+    ``config_options`` are added to :data:`LLAMA_LIKE_OPTIONS`."""
     return ArchAdapter(
         name=name,
         model_types=model_types,
@@ -69,8 +67,17 @@ def llama_like(
         norm="rmsnorm",
         pre_norm=True,
         rotary=True,
-        config_options={**LLAMA_OPTIONS, **(config_options or {})},
+        config_options={**LLAMA_LIKE_OPTIONS, **(config_options or {})},
     )
 
 
-LLAMA = register_adapter(llama_like("llama", ("llama",)))
+LLAMA = register_adapter(
+    llama_like(
+        "llama",
+        ("llama",),
+        {
+            "attention_bias": ConfigOption("q/k/v/o biases, grown like their weights"),
+            "mlp_bias": ConfigOption("gate/up/down biases, grown like their weights"),
+        },
+    )
+)
