@@ -340,3 +340,19 @@ def test_fade_advice_only_for_depth_growth():
     assert not any("fade_in_steps" in n for n in res.notes)
     res = grow(model, num_layers=3)
     assert res.exact is False and any("fade_in_steps" in n for n in res.notes)
+
+
+def test_run_config_with_refused_option_fails_before_training():
+    from progtrain.train.config import from_dict
+
+    d = {
+        "output_dir": "unused",
+        "model": {"family": "gpt2", "config": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
+                                               "add_cross_attention": True}},
+        "data": {"seq_len": 32, "vocab_size": 300},
+        "train": {"max_steps": 20, "batch_size": 4},
+        "stages": [{"name": "deep", "start_step": 10, "grow": {"num_layers": 4}}],
+    }
+    with pytest.raises(ProgtrainConfigError, match="config.add_cross_attention=True") as e:
+        from_dict(d)
+    assert "\n" not in str(e.value)
