@@ -318,12 +318,26 @@ def _growth_details(history: Sequence[dict]) -> list[str]:
         parts.append(", ".join(changed) if changed else "no size change")
         if init_name:
             parts.append(f"init `{_cell(init_name)}`")
-        if rec.get("exact") is True:
-            parts.append("exact (function-preserving)")
-        elif rec.get("exact") is False:
-            parts.append("approximate: " + "; ".join(str(n) for n in rec.get("notes") or []))
+        # the label is the recorded measurement against its tolerance, never the construction's promise
+        # (records written before tolerances were recorded were measured at the fp32 default)
+        rel, tol = dev.get("rel"), dev.get("tolerance")
+        notes = "; ".join(_cell(str(n)) for n in rec.get("notes") or [])
+        if isinstance(rel, (int, float)) and not isinstance(rel, bool):
+            from .verify import DEFAULT_TOLERANCE
+
+            tol = float(tol) if isinstance(tol, (int, float)) else DEFAULT_TOLERANCE
+            if rel <= tol:
+                parts.append(f"exact, function-preserving (relative deviation <= {tol:g})")
+            else:
+                parts.append(f"approximate (relative deviation > {tol:g})" + (": " + notes if notes else ""))
+        elif notes:
+            parts.append("not measured, approximate by construction: " + notes)
+        else:
+            parts.append("exactness not measured")
         if dev.get("max_abs") is not None:
             parts.append(f"max |delta {dev.get('kind', 'logits')}| = {_fmt_sci(dev.get('max_abs'))}")
+        if dev.get("rel") is not None:
+            parts.append(f"relative {_fmt_sci(dev.get('rel'))}")
         lines.append(": ".join(parts[:2]) + ("; " + "; ".join(parts[2:]) if parts[2:] else ""))
     return lines
 

@@ -90,6 +90,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
             f"the config of {args.src} is invalid ({config_error_text(e)}): fix its config.json"
         ) from None
     adapter = get_adapter(config)
+    adapter.check_options(config)
     spec.resolve_config(config, adapter)  # the sizes and the grown config, as transformers will validate it
     strategy = get_strategy(args.init, **dict(args.init_option or []))
     if args.calib_batches < 1:
@@ -138,12 +139,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
     rows = [("size", "before", "after")] + [(k, s[k], t[k]) for k in s]
     rows.append(("parameters", f"{res.record['params_before']:,}", f"{res.record['params_after']:,}"))
     print(_table(rows))
-    dev = res.deviation
-    status = "exact" if res.exact else "APPROXIMATE (" + "; ".join(res.notes) + ")"
-    print(
-        f"\nmax |delta {dev['kind']}| = {dev['max_abs']:.3e}  ({dev['rel']:.3e} of max |{dev['kind']}| "
-        f"= {dev['max_ref']:.3g}) on {dev['batch']}x{dev['seq_len']} random tokens: {status}"
-    )
+    print("\n" + _growth_status(res.deviation, res.exact, res.notes))
     print(f"init: {strategy.name}   seed: {args.seed}   time: {res.record['seconds']:.1f} s")
     _print_carry(plan, args.src, local)
     print(f"saved to {out}")
@@ -173,27 +169,33 @@ def _print_carry(plan: Sequence[Any], src: str, local: bool) -> None:
     print(f"carried {carried} of {len(plan)} source files")
 
 
+def _growth_status(dev: dict, exact: bool | None, notes: Sequence[str]) -> str:
+    """The measured deviation and the label it gives: "exact" only when it is within the tolerance."""
+    shapes = ", ".join(f"{b}x{n}" for b, n in dev["probes"])
+    line = (
+        f"max |delta {dev['kind']}| = {dev['max_abs']:.3e}  ({dev['rel']:.3e} of max |{dev['kind']}| "
+        f"= {dev['max_ref']:.3g}) on random tokens ({shapes}): "
+    )
+    if exact:
+        return line + f"exact (relative deviation <= tolerance {dev['tolerance']:g})"
+    why = "; ".join(notes) if notes else "no known reason"
+    return line + f"APPROXIMATE (relative deviation > tolerance {dev['tolerance']:g}): {why}"
+
+
 # ---------------------------------------------------------------------- verify
 def cmd_verify(args: argparse.Namespace) -> int:
-    import torch
-
     from .grow.calibration import fit_problems, input_limits
     from .io import load_model, load_tokenizer, read_growth_history
-    from .verify import compare_outputs, random_inputs
+    from .verify import measure_deviation
 
     a = load_model(args.src)
     b = load_model(args.out)
     tok = load_tokenizer(args.src)
-    mask = None
+    ids = mask = None
     # sentences within both models' limits: positions cap the length, the tokenizer's ids must fit
     max_len = min([args.seq_len] + [m for m in (input_limits(a).max_positions, input_limits(b).max_positions) if m])
     if tok is not None and not args.random:
         problems = fit_problems(input_limits(a), tokenizer=tok) + fit_problems(input_limits(b), tokenizer=tok)
-        if tok.pad_token_id is None:  # pad with end-of-text (masked out), as GPT-2 users do
-            if tok.eos_token is None:
-                problems.append("it has neither a padding nor an end-of-text token")
-            else:
-                tok.pad_token = tok.eos_token
         if problems:
             logger.warning("not using the tokenizer of %s (%s): comparing on random tokens", args.src, problems[0])
             tok = None
@@ -202,27 +204,48 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if args.text:
             texts = [l for l in Path(args.text).read_text().splitlines() if l.strip()]
         texts = (texts * args.batch)[: args.batch]
-        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_len)
-        ids, mask = enc["input_ids"], enc["attention_mask"]
+        ids, mask = _tokenise(tok, texts, max_len, int(a.config.vocab_size))
         source = f"{len(texts)} sentences tokenised with the source tokenizer"
-    else:
-        ids = random_inputs(a, args.batch, args.seq_len, args.seed)
-        source = f"{ids.shape[0]}x{ids.shape[1]} random tokens"
+        if ids is None:
+            logger.warning("the source tokenizer gives no usable token ids for the sentences: using random tokens")
+    if ids is None:
+        source = f"{args.batch}x{max_len} random tokens"
     hist = read_growth_history(args.out)
     hidden_src = None
     if hist and hist[-1].get("hidden_index_map"):
         hidden_src = hist[-1]["hidden_index_map"]
-    with torch.no_grad():
-        res = compare_outputs(a, b, ids, attention_mask=mask, hidden_src=hidden_src)
-    ok = res["rel"] <= args.tolerance
+    # the measurement grow() labels its growths with, here on the inputs chosen above
+    res = measure_deviation(
+        a, b, input_ids=ids, attention_mask=mask, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
+        hidden_src=hidden_src, tolerance=args.tolerance,
+    )
+    ok = res["within_tolerance"]
+    tol = res["tolerance"]
     print(f"compared {res['kind']} on {source}")
     print(f"max |delta| = {res['max_abs']:.3e}   max |{res['kind']}| = {res['max_ref']:.4g}   relative = {res['rel']:.3e}")
     if "min_cosine_mean_pooled" in res:
         print(f"min cosine similarity of mean-pooled embeddings = {res['min_cosine_mean_pooled']:.8f}")
-    print(f"{'PASS' if ok else 'FAIL'}: relative deviation {'<=' if ok else '>'} tolerance {args.tolerance:g}")
+    print(f"{'PASS' if ok else 'FAIL'}: relative deviation {'<=' if ok else '>'} tolerance {tol:g}")
     if args.json:
         print(json.dumps(res))
     return 0 if ok else 1
+
+
+def _tokenise(tok: Any, texts: list[str], max_len: int, vocab: int) -> tuple[Any, Any]:
+    """``(input_ids, attention_mask)`` of ``texts``, padded; ``(None, None)`` when the tokenizer cannot
+    give usable ids (no tokens, ids outside the model's vocabulary)."""
+    if tok.pad_token is None and getattr(tok, "eos_token", None) is not None:
+        import copy
+
+        tok = copy.copy(tok)  # padded positions are masked out; any token id does
+        tok.pad_token = tok.eos_token
+    if tok.pad_token is None:
+        return None, None
+    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_len)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if ids.numel() == 0 or not bool(mask.any(dim=1).all()) or int(ids.max()) >= vocab or int(ids.min()) < 0:
+        return None, None
+    return ids, mask
 
 
 # ---------------------------------------------------------------------- parser
@@ -294,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("out")
     v.add_argument("--batch", type=int, default=4)
     v.add_argument("--seq-len", type=int, default=32)
-    v.add_argument("--tolerance", type=float, default=1e-5, help="max relative deviation (default 1e-5, fp32)")
+    v.add_argument(
+        "--tolerance", type=float, default=None,
+        help="max relative deviation (default: the tolerance of the models' dtype, 1e-5 in fp32; the one grow uses)",
+    )
     v.add_argument("--text", help="file with one sentence per line to tokenise")
     v.add_argument("--random", action="store_true", help="use random token ids even if a tokenizer exists")
     v.add_argument("--seed", type=int, default=0)

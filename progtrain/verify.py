@@ -1,11 +1,39 @@
-"""Measure how far a grown model's outputs are from the source model's (function preservation)."""
+"""Measure how far a grown model's outputs are from the source model's (function preservation).
+
+:func:`measure_deviation` is the single measurement behind both ``grow()``'s exact/approximate label
+and ``progtrain verify``; :func:`tolerance_for` states the tolerance per dtype.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
 from transformers import PreTrainedModel
+
+#: Max relative deviation (max |delta output| / max |source output|) at which two models count as
+#: computing the same function, per parameter dtype. The one place tolerances are stated.
+TOLERANCES: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float64: 1e-5}
+#: Used for a dtype without its own entry: strict, so such growths are reported approximate rather
+#: than wrongly exact.
+DEFAULT_TOLERANCE = 1e-5
+
+#: Shapes ``(batch, seq_len)`` of the random-token inputs a growth is measured on: a small batch and
+#: one longer sequence (positions and attention windows further out). Cheap: 96 tokens per model.
+DEFAULT_PROBES: tuple[tuple[int, int], ...] = ((2, 16), (1, 64))
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    """The relative tolerance at which outputs of models in ``dtype`` count as equal (1e-5 in fp32)."""
+    return TOLERANCES.get(dtype, DEFAULT_TOLERANCE)
+
+
+def models_tolerance(*models: PreTrainedModel) -> float:
+    """The loosest :func:`tolerance_for` among the models' parameter dtypes (the comparison is only as
+    precise as its least precise side)."""
+    dtypes = {p.dtype for m in models for p in m.parameters() if p.is_floating_point()}
+    return max((tolerance_for(d) for d in dtypes), default=DEFAULT_TOLERANCE)
 
 
 def random_inputs(model: PreTrainedModel, batch: int = 2, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
@@ -79,20 +107,55 @@ def measure_deviation(
     new: PreTrainedModel,
     maps: Any = None,
     input_ids: torch.Tensor | None = None,
-    batch: int = 2,
-    seq_len: int = 16,
+    batch: int | None = None,
+    seq_len: int | None = None,
     seed: int = 0,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    probes: Sequence[tuple[int, int]] | None = None,
+    hidden_src: Sequence[int] | None = None,
+    tolerance: float | None = None,
 ) -> dict[str, Any]:
-    """Deviation of ``new`` from ``old`` on random tokens (``seed``-reproducible) or ``input_ids``.
+    """Deviation of ``new`` from ``old``, judged against a tolerance: the one measurement behind
+    ``grow()``'s exact/approximate label and ``progtrain verify``.
 
-    Computed in fp32 (models in other dtypes are compared on fp32 copies' outputs as they run).
-    Returns ``{"kind", "max_abs", "max_ref", "rel", "batch", "seq_len", "seed"}``.
+    Inputs: ``input_ids`` (with ``attention_mask``) when given; else one batch of random tokens of
+    shape ``batch x seq_len`` when either is given; else every shape in :data:`DEFAULT_PROBES`. Random
+    tokens are reproducible from ``seed`` (probe ``i`` uses ``seed + i``). Headless models compare last
+    hidden states folded back to the old width through ``hidden_src`` or ``maps``.
+
+    Args:
+        tolerance: max relative deviation that counts as equal; default :func:`models_tolerance`.
+
+    Returns:
+        ``{"kind", "max_abs", "max_ref", "rel", "probes", "seed", "tolerance", "within_tolerance"}``
+        (plus ``"min_cosine_mean_pooled"`` for hidden states): the numbers of the input with the
+        largest relative deviation ``rel = max|delta| / max|old output|``; ``probes`` lists the
+        ``[batch, seq_len]`` of every input; ``within_tolerance`` is ``rel <= tolerance``.
     """
-    if input_ids is None:
-        input_ids = random_inputs(old, batch, seq_len, seed)
-    hidden_src = None
-    if maps is not None and maps.hidden_mode != "same":
+    if hidden_src is None and maps is not None and maps.hidden_mode != "same":
         hidden_src = maps.plan("hidden.out", "").src.tolist()
-    res = compare_outputs(old, new, input_ids, hidden_src=hidden_src)
-    res.update(batch=int(input_ids.shape[0]), seq_len=int(input_ids.shape[1]), seed=seed)
-    return res
+    if input_ids is not None:
+        inputs = [(input_ids, attention_mask)]
+    else:
+        shapes = [(batch or 2, seq_len or 16)] if (batch or seq_len) else list(probes or DEFAULT_PROBES)
+        inputs = [(random_inputs(old, b, n, seed + i), None) for i, (b, n) in enumerate(shapes)]
+    worst: dict[str, Any] | None = None
+    cosines = []
+    for ids, mask in inputs:
+        res = compare_outputs(old, new, ids, attention_mask=mask, hidden_src=hidden_src)
+        if "min_cosine_mean_pooled" in res:
+            cosines.append(res["min_cosine_mean_pooled"])
+        if worst is None or res["rel"] > worst["rel"] or math.isnan(res["rel"]):
+            worst = res
+    assert worst is not None
+    tol = models_tolerance(old, new) if tolerance is None else float(tolerance)
+    worst.update(
+        probes=[[int(ids.shape[0]), int(ids.shape[1])] for ids, _ in inputs],
+        seed=seed,
+        tolerance=tol,
+        within_tolerance=bool(worst["rel"] <= tol),  # False for NaN
+    )
+    if cosines:
+        worst["min_cosine_mean_pooled"] = min(cosines)
+    return worst

@@ -264,4 +264,4 @@ def test_per_layer_list_of_wrong_length_is_refused():
     cfg = adapter.write_config(model.config, sizes)
     object.__setattr__(cfg, "layer_types", ["full_attention"] * (sizes.layers + 1))  # bypass field validation
     with pytest.raises(ProgtrainConfigError, match="layer_types"):
-        adapter.check_config(cfg, sizes)
+        adapter.validate_config(cfg, sizes)

@@ -3,6 +3,7 @@
 from . import bert, gpt2, gpt_neox, llama, mistral, qwen2  # noqa: F401  (registration side effects)
 from .base import (
     ArchAdapter,
+    ConfigOption,
     ParamSpec,
     Sizes,
     base_prefix,
@@ -14,6 +15,7 @@ from .base import (
 
 __all__ = [
     "ArchAdapter",
+    "ConfigOption",
     "ParamSpec",
     "Sizes",
     "base_prefix",

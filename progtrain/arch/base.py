@@ -24,6 +24,13 @@ axis tag            meaning
 
 Nothing outside ``progtrain.arch`` knows a family by name: growth operators only read these tags.
 Adding a family is a new module in this package that calls :func:`register_adapter`.
+
+Config options that change the maths (attention scaling, parallel residual, sliding windows ...) are
+declared per adapter in ``config_options`` (:class:`ConfigOption`): each is either modelled by the
+growth (it stays exact, and the entry says how) or refused outside the values it allows, with one
+error naming the option. The attention-scale law of a family (``attention_scale``) is data too: the
+growth rescales query rows wherever a block's scale changes (wider heads, a block that moves to
+another layer index).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -83,6 +90,39 @@ class ParamSpec:
 def P(role: str, *axes: str | None) -> ParamSpec:
     """Shorthand constructor: ``P("q", "q.out", "hidden.in")``."""
     return ParamSpec(role, tuple(axes))
+
+
+@dataclass(frozen=True)
+class ConfigOption:
+    """How growth treats one config attribute of a family that changes the model's maths.
+
+    Attributes:
+        how: what the option does and how the growth handles it (shown in errors and docs).
+        allowed: None when every value is handled (the growth models the option and stays exact);
+            otherwise the values the growth handles; any other value is refused before a tensor is
+            built, with :class:`UnsupportedArchitectureError` naming the option.
+    """
+
+    how: str
+    allowed: tuple[Any, ...] | None = None
+
+    def accepts(self, value: Any) -> bool:
+        return self.allowed is None or value in self.allowed
+
+
+#: Options of every ``PretrainedConfig`` that change the maths; merged into each adapter's table.
+COMMON_OPTIONS: dict[str, ConfigOption] = {
+    "tie_word_embeddings": ConfigOption(
+        "a tied head reads the stream through the embedding; under width tiling the norm before the "
+        "head is scaled by 1/k instead of splitting the head's fan-in"
+    ),
+    "chunk_size_feed_forward": ConfigOption("FFN applied in chunks along the sequence; same maths"),
+}
+
+
+def default_attention_scale(config: PretrainedConfig, layer: int, head_dim: int) -> float:
+    """The usual softmax scale ``1 / sqrt(head_dim)``, the same in every layer."""
+    return head_dim**-0.5
 
 
 @dataclass(frozen=True)
@@ -137,6 +177,11 @@ class ArchAdapter:
             differently (Qwen2 ``max_window_layers``: layers at or above it use the sliding window);
             rebuilt on depth growth as the number of grown layers whose source layer is below it.
         default_ffn: computes the FFN size when the config leaves it implicit (GPT-2 ``n_inner=None``).
+        attention_scale: ``(config, layer_index, head_dim) -> float``, the factor the family multiplies
+            q.k by in block ``layer_index`` (default ``head_dim ** -0.5``). The growth multiplies a
+            block's query rows by old scale / new scale, which keeps q.k * scale unchanged.
+        config_options: config attribute -> :class:`ConfigOption`, every option of the family's config
+            class that changes the maths; checked by :meth:`check_options` before growing.
     """
 
     name: str
@@ -153,7 +198,12 @@ class ArchAdapter:
     per_layer_config_keys: tuple[str, ...] = ("layer_types", "mlp_layer_types")
     layer_threshold_config_keys: tuple[str, ...] = ()
     default_ffn: Callable[[PretrainedConfig], int] | None = None
+    attention_scale: Callable[[PretrainedConfig, int, int], float] = default_attention_scale
+    config_options: dict[str, ConfigOption] = field(default_factory=dict)
     _layer_re: re.Pattern | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.config_options = {**COMMON_OPTIONS, **self.config_options}
 
     # ------------------------------------------------------------------ sizes and config
     def read_sizes(self, config: PretrainedConfig) -> Sizes:
@@ -172,6 +222,24 @@ class ArchAdapter:
             ffn = self.default_ffn(config)
         layers = int(getattr(config, k["layers"]))
         return Sizes(hidden, heads, kv, hd, int(ffn), layers)
+
+    def check_options(self, config: PretrainedConfig) -> None:
+        """Refuse a config with an option value the growth does not handle (see ``config_options``).
+
+        Raises:
+            UnsupportedArchitectureError: one line naming the option, its value, why, and the values
+                progtrain handles.
+        """
+        for attr, opt in self.config_options.items():
+            if not hasattr(config, attr):
+                continue
+            val = getattr(config, attr)
+            if not opt.accepts(val):
+                allowed = " or ".join(repr(a) for a in opt.allowed or ())
+                raise UnsupportedArchitectureError(
+                    f"{self.name}: config.{attr}={val!r} is not supported: {opt.how}; progtrain grows "
+                    f"models with {attr}={allowed}"
+                )
 
     def head_dim_is_free(self) -> bool:
         """True when head_dim is its own config key (Llama family), False when it is hidden/heads."""
@@ -234,16 +302,16 @@ class ArchAdapter:
         eps_scale: float = 1.0,
         layer_sources: list[int] | None = None,
     ) -> PretrainedConfig:
-        """The grown model's config (:meth:`write_config`), validated by :meth:`check_config`.
+        """The grown model's config (:meth:`write_config`), validated by :meth:`validate_config`.
 
         Cheap (no tensor is built): call it before any growth work. Raises
         :class:`ProgtrainConfigError` naming the rejected field or rule.
         """
         new = self.write_config(config, sizes, eps_scale, layer_sources)
-        self.check_config(new, sizes)
+        self.validate_config(new, sizes)
         return new
 
-    def check_config(self, config: PretrainedConfig, sizes: Sizes | None = None) -> None:
+    def validate_config(self, config: PretrainedConfig, sizes: Sizes | None = None) -> None:
         """Validate ``config`` as transformers does when it saves and loads it, plus the family's
         invariants: the config class's own validators (``config.validate()``: strict field types,
         ``validate_architecture``, ``validate_layer_type``, ``validate_rope`` ...), a JSON round trip
@@ -362,13 +430,3 @@ def has_tied_head(model: PreTrainedModel) -> bool:
     if out is None:
         return False
     return out.weight is model.get_input_embeddings().weight
-
-
-def check_config_supported(adapter: ArchAdapter, config: PretrainedConfig, checks: Mapping[str, Any]) -> None:
-    """Raise when ``config`` has a feature value the adapter does not handle (``checks``: attr -> allowed)."""
-    for attr, allowed in checks.items():
-        val = getattr(config, attr, allowed)
-        if val != allowed:
-            raise UnsupportedArchitectureError(
-                f"{adapter.name}: config.{attr}={val!r} is not supported (progtrain handles {allowed!r})"
-            )

@@ -2,7 +2,7 @@
 types, an embedding LayerNorm, a pooler, and the MLM transform head whose decoder is tied to the
 word embeddings. head_dim = hidden_size / num_attention_heads."""
 
-from .base import ArchAdapter, P, register_adapter
+from .base import ArchAdapter, ConfigOption, P, register_adapter
 
 BERT = register_adapter(
     ArchAdapter(
@@ -56,5 +56,22 @@ BERT = register_adapter(
         },
         norm="layernorm",
         pre_norm=False,
+        config_options={
+            "hidden_act": ConfigOption(
+                "any activation: new FFN units write through zero output columns, so f(0) never reaches "
+                "the stream"
+            ),
+            "is_decoder": ConfigOption("causal instead of bidirectional attention mask; same in every layer"),
+            "add_cross_attention": ConfigOption(
+                "cross-attention blocks (encoder-decoder use) are not described by the bert adapter",
+                allowed=(False,),
+            ),
+            "position_embedding_type": ConfigOption(
+                "relative position embeddings (relative_key, relative_key_query) are not computed by "
+                "transformers' BertModel, which loads such a checkpoint with absolute positions, and not "
+                "described by the bert adapter",
+                allowed=("absolute", None),
+            ),
+        },
     )
 )

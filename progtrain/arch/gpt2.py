@@ -1,7 +1,19 @@
 """GPT-2 (``GPT2Model``, ``GPT2LMHeadModel``): Conv1D weights stored [in, out], fused [q|k|v] output,
 pre-LayerNorm, learned positions, head_dim = n_embd / n_head, LM head tied to ``wte`` by default."""
 
-from .base import ArchAdapter, P, register_adapter
+from transformers import PretrainedConfig
+
+from .base import ArchAdapter, ConfigOption, P, register_adapter
+
+
+def gpt2_attention_scale(config: PretrainedConfig, layer: int, head_dim: int) -> float:
+    """``GPT2Attention.scaling``: 1/sqrt(head_dim) when ``scale_attn_weights``, else 1, and divided
+    by ``layer + 1`` when ``scale_attn_by_inverse_layer_idx``."""
+    s = head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        s /= float(layer + 1)
+    return s
+
 
 GPT2 = register_adapter(
     ArchAdapter(
@@ -42,5 +54,25 @@ GPT2 = register_adapter(
         pre_norm=True,
         fused_qkv="concat",
         default_ffn=lambda c: 4 * c.n_embd,
+        attention_scale=gpt2_attention_scale,
+        config_options={
+            "scale_attn_weights": ConfigOption(
+                "q.k is scaled by 1/sqrt(head_dim) or not at all; modelled by attention_scale (query rows "
+                "rescaled when head_dim widens)"
+            ),
+            "scale_attn_by_inverse_layer_idx": ConfigOption(
+                "block i scales q.k by 1/(i+1); modelled by attention_scale: a block that moves from "
+                "index j to i gets its query rows times (i+1)/(j+1)"
+            ),
+            "reorder_and_upcast_attn": ConfigOption("eager attention computed in fp32; same maths"),
+            "activation_function": ConfigOption(
+                "any activation: new FFN units write through zero down columns, so f(0) never reaches "
+                "the stream"
+            ),
+            "add_cross_attention": ConfigOption(
+                "cross-attention blocks (encoder-decoder use) are not described by the gpt2 adapter",
+                allowed=(False,),
+            ),
+        },
     )
 )

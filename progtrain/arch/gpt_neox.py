@@ -2,7 +2,7 @@
 partial rotary positions, fused ``query_key_value`` laid out per head as (heads, 3, head_dim),
 head_dim = hidden_size / num_attention_heads, untied ``embed_out`` head."""
 
-from .base import ArchAdapter, P, register_adapter
+from .base import ArchAdapter, ConfigOption, P, register_adapter
 
 GPT_NEOX = register_adapter(
     ArchAdapter(
@@ -42,5 +42,20 @@ GPT_NEOX = register_adapter(
         pre_norm=True,
         rotary=True,
         fused_qkv="per_head",
+        config_options={
+            "use_parallel_residual": ConfigOption(
+                "x + attn(ln1 x) + mlp(ln2 x) or sequential blocks; both pre-norm, a block with zero "
+                "output projections is the identity either way"
+            ),
+            "rope_parameters": ConfigOption(
+                "rotary variant, base and partial_rotary_factor (rotary_pct): the rotary dims are "
+                "int(head_dim * factor) and head_dim is kept fixed, so positions are unchanged"
+            ),
+            "attention_bias": ConfigOption("q|k|v and output projection biases, grown like their weights"),
+            "hidden_act": ConfigOption(
+                "any activation: new FFN units write through zero output columns, so f(0) never reaches "
+                "the stream"
+            ),
+        },
     )
 )

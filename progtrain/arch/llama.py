@@ -6,11 +6,28 @@ optional attention/MLP biases.
 their modules only import it and register their ``model_type``.
 """
 
-from .base import ArchAdapter, P, register_adapter
+from .base import ArchAdapter, ConfigOption, P, register_adapter
+
+#: Options that change the maths, shared by the families laid out like Llama; each family adds its own.
+LLAMA_LIKE_OPTIONS = {
+    "rope_parameters": ConfigOption(
+        "rotary variant (default, linear, dynamic, yarn, llama3, longrope ...), base and "
+        "partial_rotary_factor: frequencies depend on head_dim, which the growth keeps fixed"
+    ),
+    "head_dim": ConfigOption("an explicit head_dim (may differ from hidden/heads); kept fixed"),
+    "hidden_act": ConfigOption(
+        "any gate activation: new FFN units write through zero down columns, so f(0) never reaches "
+        "the stream"
+    ),
+}
 
 
-def llama_like(name: str, model_types: tuple[str, ...]) -> ArchAdapter:
-    """An adapter for a family laid out like ``LlamaModel`` (``model.layers.{i}.self_attn.q_proj`` ...)."""
+
+def llama_like(
+    name: str, model_types: tuple[str, ...], config_options: dict[str, ConfigOption] | None = None
+) -> ArchAdapter:
+    """An adapter for a family laid out like ``LlamaModel`` (``model.layers.{i}.self_attn.q_proj`` ...);
+    ``config_options`` are added to :data:`LLAMA_LIKE_OPTIONS`."""
     return ArchAdapter(
         name=name,
         model_types=model_types,
@@ -50,7 +67,17 @@ def llama_like(name: str, model_types: tuple[str, ...]) -> ArchAdapter:
         norm="rmsnorm",
         pre_norm=True,
         rotary=True,
+        config_options={**LLAMA_LIKE_OPTIONS, **(config_options or {})},
     )
 
 
-LLAMA = register_adapter(llama_like("llama", ("llama",)))
+LLAMA = register_adapter(
+    llama_like(
+        "llama",
+        ("llama",),
+        {
+            "attention_bias": ConfigOption("q/k/v/o biases, grown like their weights"),
+            "mlp_bias": ConfigOption("gate/up/down biases, grown like their weights"),
+        },
+    )
+)

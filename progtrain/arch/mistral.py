@@ -1,6 +1,16 @@
 """Mistral (``MistralModel``, ``MistralForCausalLM``): Llama's layout with sliding-window attention."""
 
-from .base import register_adapter
+from .base import ConfigOption, register_adapter
 from .llama import llama_like
 
-MISTRAL = register_adapter(llama_like("mistral", ("mistral",)))
+MISTRAL = register_adapter(
+    llama_like(
+        "mistral",
+        ("mistral",),
+        {
+            "sliding_window": ConfigOption(
+                "every layer attends to the same window of past tokens; new blocks are identities"
+            ),
+        },
+    )
+)

@@ -4,9 +4,27 @@ window), both rebuilt on depth growth."""
 
 import dataclasses
 
-from .base import register_adapter
+from .base import ConfigOption, register_adapter
 from .llama import llama_like
 
+_PER_LAYER = (
+    "sliding or full attention per layer, as listed in layer_types (derived from use_sliding_window, "
+    "sliding_window and max_window_layers); depth growth rebuilds layer_types so that every block "
+    "keeps its own attention type and a new block takes its source block's"
+)
+
 QWEN2 = register_adapter(
-    dataclasses.replace(llama_like("qwen2", ("qwen2",)), layer_threshold_config_keys=("max_window_layers",))
+    dataclasses.replace(
+        llama_like(
+            "qwen2",
+            ("qwen2",),
+            {
+                "layer_types": ConfigOption(_PER_LAYER),
+                "use_sliding_window": ConfigOption(_PER_LAYER),
+                "sliding_window": ConfigOption(_PER_LAYER),
+                "max_window_layers": ConfigOption(_PER_LAYER),
+            },
+        ),
+        layer_threshold_config_keys=("max_window_layers",),
+    )
 )

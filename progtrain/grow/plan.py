@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PretrainedConfig
 
 from ..arch.base import HEAD_INPUT_NORM_ROLE, ArchAdapter, Sizes
 from ..errors import ProgtrainConfigError
@@ -108,12 +109,22 @@ class SpaceMaps:
     layer_src: list[int]  # old layer each grown layer comes from
     layer_new: list[bool]
     eps_scale: float = 1.0
+    q_scale: list[float] | None = None  # per grown layer: multiplier of the old query rows
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(
-        cls, adapter: ArchAdapter, src: Sizes, tgt: Sizes, preserve: bool, tied_head: bool, new_positions: list[int]
+        cls,
+        adapter: ArchAdapter,
+        src: Sizes,
+        tgt: Sizes,
+        preserve: bool,
+        tied_head: bool,
+        new_positions: list[int],
+        config: PretrainedConfig | None = None,
     ) -> "SpaceMaps":
+        """The maps of one growth. ``config`` (the source model's) feeds the adapter's attention-scale
+        law; without it the law is evaluated on an empty config (its defaults)."""
         if tgt.hidden == src.hidden:
             mode = "same"
         elif preserve and tgt.hidden % src.hidden == 0:
@@ -132,11 +143,22 @@ class SpaceMaps:
                 layer_new.append(False)
                 old_i += 1
         eps_scale = src.hidden / tgt.hidden if (mode == "pad" and preserve) else 1.0
-        return cls(adapter, src, tgt, preserve, tied_head, mode, q_src, kv_src, layer_src, layer_new, eps_scale)
+        # keep q.k * scale of every block: old scale (source layer, old head_dim) / new scale
+        cfg = config if config is not None else PretrainedConfig()
+        law = adapter.attention_scale
+        q_scale = [
+            law(cfg, j, src.head_dim) / law(cfg, i, tgt.head_dim) if preserve else 1.0
+            for i, j in enumerate(layer_src)
+        ]
+        return cls(
+            adapter, src, tgt, preserve, tied_head, mode, q_src, kv_src, layer_src, layer_new, eps_scale, q_scale
+        )
 
     # ------------------------------------------------------------------ exactness
     def exactness_notes(self) -> list[str]:
-        """Why this growth is not function-preserving (empty list when it is exact in exact arithmetic)."""
+        """Why this growth is expected not to preserve the function, known before any tensor is built
+        (empty when the construction is exact in exact arithmetic). Whether a growth *is* exact is
+        measured: see :func:`progtrain.grow.grow`."""
         notes = []
         if not self.preserve:
             notes.append("the init strategy does not preserve the function")
@@ -148,20 +170,26 @@ class SpaceMaps:
                 )
             if any(self.layer_new):
                 notes.append(
-                    f"{self.adapter.name} is post-norm: a new block renormalises the stream, so "
-                    f"depth growth is approximate"
+                    f"{self.adapter.name} is post-norm: a new block renormalises the stream, so depth "
+                    f"growth is approximate without training; to keep the function exactly, grow in a "
+                    f"`progtrain train` stage with `fade_in_steps: N` (each new block starts as "
+                    f"h + m*(block(h) - h) at m = 0 and is faded in over N steps)"
                 )
         return notes
 
     # ------------------------------------------------------------------ axis plans
-    def plan(self, tag: str, role: str) -> AxisPlan:
-        """The plan for an axis tag; ``role`` matters only for the norm feeding a tied head."""
-        key = (tag, role == HEAD_INPUT_NORM_ROLE)
+    def plan(self, tag: str, role: str, layer: int | None = None) -> AxisPlan:
+        """The plan for an axis tag; ``role`` matters only for the norm feeding a tied head, ``layer``
+        (the grown block's index) only for query rows, whose scale follows the attention-scale law."""
+        qs = 1.0
+        if tag in ("q.out", "qkv.out") and layer is not None and self.q_scale is not None:
+            qs = self.q_scale[layer]
+        key = (tag, role == HEAD_INPUT_NORM_ROLE, qs)
         if key not in self._cache:
-            self._cache[key] = self._make_plan(tag, role)
+            self._cache[key] = self._make_plan(tag, role, qs)
         return self._cache[key]
 
-    def _make_plan(self, tag: str, role: str) -> AxisPlan:
+    def _make_plan(self, tag: str, role: str, q_scale: float = 1.0) -> AxisPlan:
         s, t, keep = self.src, self.tgt, self.preserve
         space, _, kind = tag.partition(".")
         if space == "hidden":
@@ -169,9 +197,9 @@ class SpaceMaps:
         if space == "ffn":
             return _plan(_pad(s.ffn, t.ffn), new_fill=FREE if (kind == "out" or not keep) else ZERO)
         if tag == "qkv.out":
-            return self._fused_qkv_plan()
+            return self._fused_qkv_plan(q_scale)
         if space in ("q", "k", "v", "o"):
-            return self._head_plan(space)
+            return self._head_plan(space, q_scale)
         raise ValueError(f"no plan for axis tag {tag!r}")
 
     def _hidden_plan(self, kind: str, role: str) -> AxisPlan:
@@ -196,7 +224,7 @@ class SpaceMaps:
             return _plan(_pad(d, D), scale=math.sqrt(d / D), new_fill=MEAN)
         return _plan(_pad(d, D), new_fill=ZERO)  # shift
 
-    def _head_plan(self, part: str) -> AxisPlan:
+    def _head_plan(self, part: str, q_scale: float = 1.0) -> AxisPlan:
         s, t, keep = self.src, self.tgt, self.preserve
         heads_src = self.kv_src if part in ("k", "v") else self.q_src
         hd, hd2 = s.head_dim, t.head_dim
@@ -217,14 +245,15 @@ class SpaceMaps:
                         fill.append(ZERO)  # new q.k dims of an old head contribute 0
                     else:
                         fill.append(FREE)
-        scale = math.sqrt(hd2 / hd) if (keep and part == "q" and hd2 != hd) else 1.0
+        # q_scale (attention-scale law: sqrt(hd2/hd) for a wider head under 1/sqrt(head_dim)) keeps q.k * scale
+        scale = q_scale if (keep and part == "q") else 1.0
         p = _plan(src, scale=scale)
         p.fill = torch.tensor(fill, dtype=torch.int8)
         return p
 
-    def _fused_qkv_plan(self) -> AxisPlan:
+    def _fused_qkv_plan(self, q_scale: float = 1.0) -> AxisPlan:
         s, t = self.src, self.tgt
-        parts = [self._head_plan(x) for x in ("q", "k", "v")]
+        parts = [self._head_plan(x, q_scale) for x in ("q", "k", "v")]
         n_old, n_new = s.heads * s.head_dim, t.heads * t.head_dim
         hd, hd2 = s.head_dim, t.head_dim
         layout = self.adapter.fused_qkv

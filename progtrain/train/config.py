@@ -362,6 +362,8 @@ def stage_sizes(cfg: RunConfig) -> list[Any]:
 
     hf = initial_hf_config(cfg)
     adapter = get_adapter(hf)
+    if cfg.stages:
+        adapter.check_options(hf)  # a config option the growth does not handle: refused now, not mid-run
     sizes = [adapter.read_sizes(hf)]
     for i, st in enumerate(cfg.stages):
         try:

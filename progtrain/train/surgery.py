@@ -4,7 +4,8 @@ After :func:`progtrain.grow` every grown element either is *born* (did not exist
 from one old element ``w`` as ``w' = s * w``, possibly in ``k`` places (tiled stream copies, split
 fan-in copies, a key/value head shared by several groups). ``s`` is the product of the axis plans'
 scales (e.g. ``1/k`` for a reader whose fan-in is split over ``k`` copies of the stream,
-``sqrt(hd'/hd)`` for query rows when head_dim widens); ``k`` is counted from the plans.
+old / new attention scale for query rows, e.g. ``sqrt(hd'/hd)`` when head_dim widens); ``k`` is
+counted from the plans.
 
 **Moment factors.** Function preservation means ``L'(phi(w)) = L(w)`` for the map ``phi`` that
 places ``s * w`` at each of the ``k`` copies. At the symmetric point the copies have equal
