@@ -5,7 +5,7 @@ save the result as a standard Hugging Face checkpoint.
 """
 
 from .errors import ProgtrainConfigError, UnsupportedArchitectureError
-from .grow import GrowthResult, GrowthSpec, grow
+from .growth import GrowthResult, GrowthSpec, grow
 from .init import available_strategies, get_strategy, register_strategy
 
 __version__ = "0.1.0"

@@ -58,7 +58,7 @@ def _table(rows: Sequence[Sequence[Any]]) -> str:
 
 # ---------------------------------------------------------------------- grow
 def cmd_grow(args: argparse.Namespace) -> int:
-    from .grow import GrowthSpec, grow
+    from .growth import GrowthSpec, grow
     from .io import load_model, load_tokenizer, read_growth_history, save_checkpoint
 
     spec = GrowthSpec(
@@ -99,7 +99,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.src)
     data = None
     if strategy.needs_data:
-        from .grow.calibration import calibration_batches, fit_problems, input_limits
+        from .growth.calibration import calibration_batches, fit_problems, input_limits
 
         calib_tok = tokenizer
         if args.tokenizer:
@@ -184,7 +184,7 @@ def _growth_status(dev: dict, exact: bool | None, notes: Sequence[str]) -> str:
 
 # ---------------------------------------------------------------------- verify
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .grow.calibration import fit_problems, input_limits
+    from .growth.calibration import fit_problems, input_limits
     from .io import load_model, load_tokenizer, read_growth_history
     from .verify import measure_deviation
 

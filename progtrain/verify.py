@@ -38,8 +38,8 @@ def models_tolerance(*models: PreTrainedModel) -> float:
 
 def random_inputs(model: PreTrainedModel, batch: int = 2, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
     """Random token ids (avoiding id 0, often padding), reproducible from ``seed``; ``[batch,
-    min(seq_len, positions)]`` within the model's limits (``progtrain.grow.calibration.input_limits``)."""
-    from .grow.calibration import input_limits
+    min(seq_len, positions)]`` within the model's limits (``progtrain.growth.calibration.input_limits``)."""
+    from .growth.calibration import input_limits
 
     g = torch.Generator().manual_seed(seed)
     limits = input_limits(model)

@@ -14,8 +14,8 @@ import transformers as T
 
 from progtrain.cli import main
 from progtrain.errors import ProgtrainConfigError
-from progtrain.grow import grow
-from progtrain.grow.calibration import (
+from progtrain.growth import grow
+from progtrain.growth.calibration import (
     calibration_batches,
     check_batches_fit,
     embedded_corpus_files,

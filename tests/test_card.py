@@ -5,7 +5,7 @@ from huggingface_hub import ModelCard
 
 from progtrain.card import parse_front_matter, render_model_card
 from progtrain.errors import ProgtrainConfigError
-from progtrain.grow import grow
+from progtrain.growth import grow
 from tiny_models import tiny_model
 
 

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from hub_server import HubServer
 from progtrain.card import parse_front_matter
 from progtrain.cli import main
-from progtrain.grow import grow
+from progtrain.growth import grow
 from progtrain.hub import HubError, files_to_push, push_to_hub
 from progtrain.io import save_checkpoint
 from tiny_models import tiny_model

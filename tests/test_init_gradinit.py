@@ -5,8 +5,8 @@ import torch
 from torch.func import functional_call
 
 from progtrain.errors import ProgtrainConfigError
-from progtrain.grow import grow
-from progtrain.grow.calibration import calibration_batches
+from progtrain.growth import grow
+from progtrain.growth.calibration import calibration_batches
 from progtrain.init.gradinit import bake_scales_, gradinit_, lookahead_loss
 from progtrain.verify import random_inputs
 from tiny_models import tiny_model

@@ -6,8 +6,8 @@ import torch
 import transformers as T
 
 from progtrain.cli import main
-from progtrain.grow import grow
-from progtrain.grow.calibration import calibration_batches
+from progtrain.growth import grow
+from progtrain.growth.calibration import calibration_batches
 from progtrain.io import read_growth_history
 from progtrain.verify import compare_outputs, random_inputs
 from tiny_models import tiny_model

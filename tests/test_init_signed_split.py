@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from progtrain.grow import grow
-from progtrain.grow.calibration import calibration_batches
+from progtrain.growth import grow
+from progtrain.growth.calibration import calibration_batches
 from progtrain.init.signed_split import (
     FFNLayer,
     SplittingOperator,

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from progtrain.arch import get_adapter
 from progtrain.cli import main
 from progtrain.errors import ProgtrainConfigError
-from progtrain.grow import GrowthSpec, grow
+from progtrain.growth import GrowthSpec, grow
 from progtrain.init import available_strategies
 from tiny_models import tiny_model
 

@@ -16,11 +16,11 @@ from progtrain import grow
 from progtrain.arch import get_adapter
 from progtrain.cli import main
 from progtrain.errors import ProgtrainConfigError
-from progtrain.grow.spec import GrowthSpec
+from progtrain.growth.spec import GrowthSpec
 from progtrain.train.config import from_dict
 from tiny_models import FAMILIES, perturb, tiny_model
 
-core = importlib.import_module("progtrain.grow.core")  # the module (progtrain.grow.grow is the function)
+core = importlib.import_module("progtrain.growth.core")  # the module (progtrain.growth.grow is the function)
 
 # the input of the bug report: a Llama with head_dim its own key (64 wide, 4 heads, 2 kv-heads, head_dim 16)
 # grown to 80 wide, 6 heads, 3 kv-heads: the sizes resolve, but LlamaConfig requires hidden % heads == 0

@@ -52,7 +52,7 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     if loss is None:
         raise ProgtrainConfigError(
             f"{type(model).__name__} returned no loss: calibration batches need 'labels' and the model an "
-            f"LM head (use progtrain.grow.calibration.calibration_batches)"
+            f"LM head (use progtrain.growth.calibration.calibration_batches)"
         )
     return loss
 
@@ -231,7 +231,7 @@ def check_batches(data: Any, strategy: str, minimum: int = 1) -> list:
     if data is None:
         raise ProgtrainConfigError(
             f"init strategy {strategy!r} needs calibration data: pass data=calibration_batches(model, tokenizer) "
-            f"to grow() (progtrain.grow.calibration), or use `progtrain grow --init {strategy}`, which does"
+            f"to grow() (progtrain.growth.calibration), or use `progtrain grow --init {strategy}`, which does"
         )
     batches = list(data)
     if len(batches) < minimum:

@@ -358,7 +358,7 @@ def stage_sizes(cfg: RunConfig) -> list[Any]:
     growth validated with ``GrowthSpec.resolve_config`` against the previous stage's config: the
     sizes, and the grown config as the family's config class validates it."""
     from ..arch import get_adapter
-    from ..grow.spec import GrowthSpec
+    from ..growth.spec import GrowthSpec
 
     hf = initial_hf_config(cfg)
     adapter = get_adapter(hf)

@@ -67,7 +67,7 @@ def load_texts(data_cfg: Any) -> TextSplits:
         files = data_cfg.files
         source = "local files"
         if not files:
-            from ..grow.calibration import embedded_corpus_files
+            from ..growth.calibration import embedded_corpus_files
 
             files = embedded_corpus_files()
             source = "shakespeare (embedded plays)"

@@ -70,7 +70,7 @@ def lr_factor(cfg: RunConfig, step: int) -> float:
 def build_initial_model(cfg: RunConfig, tokenizer: Any) -> PreTrainedModel:
     """The stage-0 model: the given checkpoint, or a fresh model of ``model.family`` with the
     tokenizer's vocabulary and special-token ids (fp32, seeded by ``cfg.seed``)."""
-    from ..grow.calibration import fit_problems, input_limits
+    from ..growth.calibration import fit_problems, input_limits
     from ..io import load_model, model_class_for
     from .config import initial_hf_config
 
@@ -245,7 +245,7 @@ class ProgressiveTrainer:
     # .................................................................. growth
     def _grow(self, idx: int) -> None:
         from .. import grow
-        from ..grow.spec import GrowthSpec
+        from ..growth.spec import GrowthSpec
         from ..init import get_strategy
 
         cfg, acc = self.cfg, self.acc

@@ -79,7 +79,7 @@ def meta_model(config: PretrainedConfig, task: str) -> PreTrainedModel:
 def stage_configs(cfg: Any, vocab_size: int | None = None) -> list[PretrainedConfig]:
     """HF config of every stage of a run (stage 0 = initial model), for planning."""
     from ..arch import get_adapter
-    from ..grow.spec import GrowthSpec, new_layer_positions
+    from ..growth.spec import GrowthSpec, new_layer_positions
     from .config import initial_hf_config
 
     hf = initial_hf_config(cfg)

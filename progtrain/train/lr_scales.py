@@ -3,7 +3,7 @@ Savarese & Maire 2023).
 
 Every parameter element records the **stage** at which it was born: 0 for the initial model; after
 growth ``t`` the elements that did not exist before get ``t`` and old elements keep theirs (carried
-to their grown positions by :meth:`~progtrain.grow.plan.ParamMap.map_tensor`).
+to their grown positions by :meth:`~progtrain.growth.plan.ParamMap.map_tensor`).
 
 **LR adaptation.** Elements born at stage ``t`` train with
 

@@ -37,7 +37,7 @@ from typing import Mapping
 
 import torch
 
-from ..grow.plan import ParamMap
+from ..growth.plan import ParamMap
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -73,7 +73,7 @@ def grow_moments(
     factors: bool = True,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Map full Adam moments of the old model (``{param name: {"exp_avg", "exp_avg_sq"}}``) to the
-    grown model's parameters (``param_maps`` from :class:`~progtrain.grow.GrowthResult`).
+    grown model's parameters (``param_maps`` from :class:`~progtrain.growth.GrowthResult`).
 
     Old elements take their source's moments times ``c`` (first) and ``c**2`` (second moment), see
     the module docstring; ``factors=False`` copies them unscaled. Born elements and parameters

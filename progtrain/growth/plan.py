@@ -158,7 +158,7 @@ class SpaceMaps:
     def exactness_notes(self) -> list[str]:
         """Why this growth is expected not to preserve the function, known before any tensor is built
         (empty when the construction is exact in exact arithmetic). Whether a growth *is* exact is
-        measured: see :func:`progtrain.grow.grow`."""
+        measured: see :func:`progtrain.growth.grow`."""
         notes = []
         if not self.preserve:
             notes.append("the init strategy does not preserve the function")

@@ -100,7 +100,7 @@ def grow(
             (:func:`progtrain.verify.measure_deviation`, the measurement ``progtrain verify`` makes);
             the result's ``exact`` is that measurement against the tolerance, and None without it.
         data: batches for data-driven strategies (GradInit, splitting, GradMax); checked against
-            the model's input limits (``progtrain.grow.calibration.check_batches_fit``).
+            the model's input limits (``progtrain.growth.calibration.check_batches_fit``).
 
     Returns:
         A :class:`GrowthResult`; the input model is not modified.

@@ -186,7 +186,7 @@ class GrowthSpec:
         (:meth:`ArchAdapter.target_config`), before any tensor is touched.
 
         Returns:
-            ``(target sizes, grown config)``; the config is the one :func:`~progtrain.grow.grow`
+            ``(target sizes, grown config)``; the config is the one :func:`~progtrain.growth.grow`
             writes, except the norm epsilon of a non-integer widening.
 
         Raises:
