@@ -21,7 +21,9 @@ The engine's life cycle around a growth::
 Moments are keyed by the names of ``model.named_parameters()`` of the unwrapped model (for a plain
 HF model: the plain HF parameter names, a tied head once under the embedding). Tensors in a
 :class:`FullState` are fp32 on the CPU. On CPU the process group is gloo; see ``launch/README.md``
-for the launch commands that really give 2 processes with the engine asked for.
+for the launch commands that really give 2 processes with the engine asked for. ``deepspeed`` is
+imported inside the functions that run under it only: it is an optional dependency whose import
+takes seconds.
 """
 
 from __future__ import annotations
