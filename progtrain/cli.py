@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from .errors import ProgtrainConfigError, config_error_text, config_errors
+from .errors import ProgtrainConfigError, ProgtrainError, config_error_text, config_errors
 
 logger = logging.getLogger("progtrain")
 
@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="progtrain",
         description="Progressive training for Hugging Face transformers: grow models function-preservingly "
         "and pretrain them in stages.",
+        epilog="exit codes: 0 success; 1 runtime failure (Hub/network error, diverged training, `verify` "
+        "outside its tolerance); 2 bad input (one line on stderr naming the fix, nothing written); 130 interrupted",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -328,23 +330,34 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
 
     for module in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue  # command not installed in this build
-        mod.register(sub)
+        importlib.import_module(module).register(sub)
     return p
 
 
 # Modules that add sub-commands: each defines ``register(subparsers)``, which adds its parser and
-# sets ``func`` (a callable taking the parsed args and returning an exit code). Raising
-# ProgtrainConfigError from ``func`` gives the one-line message and exit code 2.
+# sets ``func`` (a callable taking the parsed args and returning an exit code). A ProgtrainError raised
+# from ``func`` gives the one-line message and its exit code (:func:`run_command`).
 COMMAND_MODULES: list[str] = [
     "progtrain.train.commands",  # train, plan
     "progtrain.hub",  # push
 ]
+
+
+def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, prog: str) -> int:
+    """Run one command and map progtrain's errors to exit codes (the one place that does).
+
+    A :class:`~progtrain.errors.ProgtrainError` prints ``PROG: error: MESSAGE`` (one line) on stderr and
+    returns its ``exit_code``: 2 for bad input, 1 for a network/Hub failure or diverged training;
+    Ctrl-C returns 130. Any other exception is a bug and keeps its traceback.
+    """
+    try:
+        return int(func(args) or 0)
+    except ProgtrainError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -356,14 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except ProgtrainConfigError as e:
-        print(f"progtrain {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("progtrain: interrupted", file=sys.stderr)
-        return 130
+    return run_command(args.func, args, f"progtrain {args.command}")
 
 
 if __name__ == "__main__":

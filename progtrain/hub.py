@@ -9,8 +9,10 @@ temporary files are never uploaded.
 
 The token comes from the ``token`` argument, ``HF_TOKEN`` or ``hf auth login``; it is never printed,
 logged or written to the card. Every failure (bad directory, no token, HTTP 401/403/404/5xx,
-dropped connection) raises :class:`HubError`, a :class:`~progtrain.errors.ProgtrainConfigError`
-with a one-line message, and leaves the local directory untouched.
+dropped connection) raises a one-line :class:`~progtrain.errors.HubError` and leaves the local
+directory untouched: :class:`~progtrain.errors.HubInputError` (exit 2) when the user can fix it (the
+directory, the repo id, the token, HTTP 401/403/404, a card the Hub rejects), a plain ``HubError``
+(exit 1) when the network or the server failed (dropped connection, HTTP 5xx).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ProgtrainConfigError
+from .errors import HubError, HubInputError
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +42,6 @@ EXCLUDE = (
     "optimizer*", "scheduler*", "rng_state*", "*.tmp", "*~",
 )
 EXCLUDE_DIRS = ("checkpoint-*", "checkpoints", "ckpt*", "runs", "wandb", "tensorboard", "logs", "__pycache__")
-
-
-class HubError(ProgtrainConfigError):
-    """A push failed (network, authentication, server) or the directory cannot be pushed.
-
-    The message is one line naming the problem and the fix, and never contains the token."""
 
 
 # ---------------------------------------------------------------------- selection + checks
@@ -86,39 +82,39 @@ def check_checkpoint_dir(out_dir: str | os.PathLike) -> None:
 
     p = Path(out_dir)
     if not p.is_dir():
-        raise HubError(f"{p} is not a directory: pass the output directory of `progtrain grow` or `progtrain train`")
+        raise HubInputError(f"{p} is not a directory: pass the output directory of `progtrain grow` or `progtrain train`")
     if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
-        raise HubError(f"{p} is a temporary directory of an unfinished save: push the final directory instead")
+        raise HubInputError(f"{p} is a temporary directory of an unfinished save: push the final directory instead")
     check_safe_weights(p)
     cfg = p / "config.json"
     if not cfg.is_file():
-        raise HubError(f"{p} has no config.json, so it is not a complete Hugging Face checkpoint: "
+        raise HubInputError(f"{p} has no config.json, so it is not a complete Hugging Face checkpoint: "
                        f"save it with model.save_pretrained() or progtrain.io.save_checkpoint()")
     try:
         config = json.loads(cfg.read_text())
     except (OSError, ValueError) as e:
-        raise HubError(f"{cfg} is not valid JSON ({type(e).__name__}): re-save the checkpoint") from None
+        raise HubInputError(f"{cfg} is not valid JSON ({type(e).__name__}): re-save the checkpoint") from None
     if not isinstance(config, dict) or "model_type" not in config:
-        raise HubError(f"{cfg} has no model_type: re-save the checkpoint with save_pretrained()")
+        raise HubInputError(f"{cfg} has no model_type: re-save the checkpoint with save_pretrained()")
     shards = sorted(f.name for f in p.glob("*.safetensors"))
     index = p / "model.safetensors.index.json"
     if index.exists():
         try:
             wanted = set(json.loads(index.read_text())["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError):
-            raise HubError(f"{index} is not a valid safetensors index: re-save the checkpoint") from None
+            raise HubInputError(f"{index} is not a valid safetensors index: re-save the checkpoint") from None
         missing = sorted(wanted - set(shards))
         if missing:
-            raise HubError(f"{p} is incomplete: shard(s) {', '.join(missing)} listed in {index.name} are missing; "
+            raise HubInputError(f"{p} is incomplete: shard(s) {', '.join(missing)} listed in {index.name} are missing; "
                            f"re-save the checkpoint")
     if not shards:
-        raise HubError(f"{p} has no *.safetensors weights: save the model with save_pretrained(safe_serialization=True)")
+        raise HubInputError(f"{p} has no *.safetensors weights: save the model with save_pretrained() (safetensors by default)")
     for name in shards:
         try:
             with safe_open(str(p / name), framework="pt") as f:
                 f.keys()
         except Exception as e:  # truncated or corrupt file: safetensors raises its own error types
-            raise HubError(f"{p / name} is not a readable safetensors file ({type(e).__name__}): "
+            raise HubInputError(f"{p / name} is not a readable safetensors file ({type(e).__name__}): "
                            f"the save was interrupted or the file is corrupt; re-save the checkpoint") from None
 
 
@@ -138,7 +134,7 @@ def _token(token: str | None) -> str:
 
     tok = token or get_token()
     if not tok:
-        raise HubError("no Hugging Face token found: set HF_TOKEN to a token with write access or run `hf auth login`")
+        raise HubInputError("no Hugging Face token found: set HF_TOKEN to a token with write access or run `hf auth login`")
     return tok
 
 
@@ -149,7 +145,7 @@ def _scan_for_token(root: Path, files: list[str], token: str) -> None:
         if f.suffix in (".safetensors", ".png", ".pdf") or f.stat().st_size > 16 * 1024 * 1024:
             continue
         if token.encode() in f.read_bytes():
-            raise HubError(f"{rel} contains your Hugging Face token: remove it from the file before pushing")
+            raise HubInputError(f"{rel} contains your Hugging Face token: remove it from the file before pushing")
 
 
 def _one_line(e: BaseException, token: str | None) -> str:
@@ -176,10 +172,12 @@ def _http_error(e: Exception, repo_id: str, endpoint: str, token: str | None) ->
     said = getattr(e, "server_message", None) or ""
     said = f" ({_one_line(ValueError(said), token)})" if said.strip() else ""
     if status in (401, 403):
-        return HubError(f"{where}: authentication refused (HTTP {status} on {path}){said}; set HF_TOKEN to a token "
+        return HubInputError(f"{where}: authentication refused (HTTP {status} on {path}){said}; set HF_TOKEN to a token "
                         f"with write access to {repo_id.split('/')[0]} or run `hf auth login`")
     if status == 404:
-        return HubError(f"{where}: not found (HTTP 404 on {path}){said}; check REPO_ID and --revision")
+        return HubInputError(f"{where}: not found (HTTP 404 on {path}){said}; check REPO_ID and --revision")
+    if status < 500:  # the Hub refused the request as sent (e.g. a model card it cannot parse)
+        return HubInputError(f"{where}: the Hub refused it (HTTP {status} on {path}){said}; fix the request and retry")
     return HubError(f"{where}: the Hub answered HTTP {status} on {path}{said}; the push did not complete, "
                     f"retry later")
 
@@ -216,14 +214,14 @@ def push_to_hub(
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise HubError(f"invalid repo id {repo_id!r}: use 'owner/name' with letters, digits, '-', '_' or '.'") from None
+        raise HubInputError(f"invalid repo id {repo_id!r}: use 'owner/name' with letters, digits, '-', '_' or '.'") from None
     if "/" not in repo_id:
-        raise HubError(f"repo id {repo_id!r} has no owner: use 'your-username/{repo_id}' or 'your-org/{repo_id}'")
+        raise HubInputError(f"repo id {repo_id!r} has no owner: use 'your-username/{repo_id}' or 'your-org/{repo_id}'")
     if revision is not None and (not revision.strip() or revision.startswith("refs/pr/")):
-        raise HubError(f"invalid --revision {revision!r}: name a branch (use --create-pr to open a pull request)")
+        raise HubInputError(f"invalid --revision {revision!r}: name a branch (use --create-pr to open a pull request)")
     check_checkpoint_dir(root)
     if constants.is_offline_mode():
-        raise HubError("offline mode is on (HF_HUB_OFFLINE=1): unset HF_HUB_OFFLINE to push")
+        raise HubInputError("offline mode is on (HF_HUB_OFFLINE=1): unset HF_HUB_OFFLINE to push")
     tok = _token(token)
     files = files_to_push(root)
     _scan_for_token(root, files, tok)
@@ -253,7 +251,7 @@ def push_to_hub(
     except network_errors as e:
         raise _http_error(e, repo_id, endpoint, tok) from None
     except ValueError as e:  # malformed server answers and card validation errors
-        raise HubError(f"push of {repo_id} to {endpoint} failed: {_one_line(e, tok)}") from None
+        raise HubInputError(f"push of {repo_id} to {endpoint} failed: {_one_line(e, tok)}") from None
     url = str(info.pr_url or info.commit_url)
     logger.info("pushed %d files from %s to %s", len(operations), root, url)
     return url

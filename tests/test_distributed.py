@@ -176,3 +176,49 @@ def test_recipe_ddp_and_zero2_agree(recipe_runs):
     a, b = ([m["train_loss"] for m in _metrics(recipe_runs[k]) if m["event"] == "train"] for k in ("ddp", "zero2"))
     assert len(a) == len(b) == RECIPE_OVERRIDES["train.max_steps"]
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def recipe_zero3(tmp_path_factory):
+    """The same recipe under ZeRO-3 (2 processes), without the update scales ZeRO-3 refuses."""
+    out = tmp_path_factory.mktemp("recipe_zero3")
+    args = ["--config", "configs/gpt2_tiny_progressive.yaml", "--output-dir", str(out / "run")]
+    for k, v in RECIPE_OVERRIDES.items():
+        if k not in ("stages.0.born_warmup_steps", "stages.1.lr_scales"):
+            args += ["--set", f"{k}={v}"]
+    run_launch("zero3", REPO / "recipes" / "pretrain_gpt.py", args, out / "log.txt")
+    return out / "run"
+
+
+def _boundary_checkpoints(run) -> dict:
+    from progtrain.train.checkpoint import list_checkpoints, load_checkpoint
+
+    found = {}
+    for p in list_checkpoints(run):
+        c = load_checkpoint(p)
+        if c.state["boundary"]:
+            found[c.state["step"]] = (T.GPT2LMHeadModel.from_pretrained(p / "model"), c)
+    return found
+
+
+@pytest.mark.slow
+def test_recipe_zero3_boundary_checkpoints_hold_the_grown_state(recipe_zero3, recipe_runs):
+    """ZeRO-3 partitions the parameters of the model it is given, in place; the stage-boundary
+    checkpoints, written from the growth's result rather than gathered back, still hold the full grown
+    model and moments: the first one (taken before any update scale acts) matches DDP's, the second
+    has the final sizes, and both match the metrics' growth rows."""
+    z3, ddp = _boundary_checkpoints(recipe_zero3), _boundary_checkpoints(recipe_runs["ddp"])
+    assert sorted(z3) == sorted(ddp) == [2, 4]
+    for step, sizes in ((2, (128, 8, 2)), (4, (128, 8, 4))):
+        model, c = z3[step]
+        assert (model.config.n_embd, model.config.n_head, model.config.n_layer) == sizes
+        assert c.state["stage"] == (1 if step == 2 else 2) and c.state["engine"] == "zero3"
+        assert c.state["opt_step"] == step
+        assert set(c.moments) == {n for n, _ in model.named_parameters()}
+    (a, ca), (b, cb) = z3[2], ddp[2]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert max((sa[k] - sb[k]).abs().max().item() for k in sa) <= 1e-5
+    for name, per in ca.moments.items():
+        for key, t in per.items():
+            ref = cb.moments[name][key]
+            assert (t - ref).abs().max().item() <= 1e-4 * max(ref.abs().max().item(), 1e-12), (name, key)

@@ -157,16 +157,17 @@ def test_card_yaml_rejected_by_hub_is_one_line_error(grown_dir, hub, tmp_path, c
 
 
 @pytest.mark.parametrize(
-    "pattern,status,words",
-    [
-        (None, "wrong-token", "authentication refused (HTTP 401 on /api/repos/create)"),
-        (r"^POST /api/repos/create", 500, "HTTP 500"),
-        (r"^POST /api/models/.*/commit/", 500, "HTTP 500"),
-        (r"^POST /api/models/.*/commit/", "drop", "check your connection"),
-        (r"^POST /api/repos/create", "drop", "check your connection"),
+    "pattern,status,words,exit_code",
+    [  # the user's fault (a bad token) exits 2 like any bad input; the server's or network's exits 1
+        (None, "wrong-token", "authentication refused (HTTP 401 on /api/repos/create)", 2),
+        (r"^POST /api/repos/create", 500, "HTTP 500", 1),
+        (r"^POST /api/models/.*/commit/", 500, "HTTP 500", 1),
+        (r"^POST /api/models/.*/commit/", "drop", "check your connection", 1),
+        (r"^POST /api/repos/create", "drop", "check your connection", 1),
     ],
 )
-def test_server_failures_give_one_line_and_keep_local_dir(grown_dir, hub, capsys, monkeypatch, pattern, status, words):
+def test_server_failures_give_one_line_and_keep_local_dir(grown_dir, hub, capsys, monkeypatch, pattern, status, words,
+                                                          exit_code):
     out, _ = grown_dir
     before = snapshot(out)
     if status == "wrong-token":
@@ -176,7 +177,7 @@ def test_server_failures_give_one_line_and_keep_local_dir(grown_dir, hub, capsys
     code = main(["push", str(out), REPO])
     cap = capsys.readouterr()
     lines = error_lines(cap.err)
-    assert code == 2 and len(lines) == 1, cap.err
+    assert code == exit_code and len(lines) == 1, cap.err
     assert words in lines[0]
     assert TOKEN not in cap.err + cap.out and "WrOnG" not in cap.err
     assert snapshot(out) == before

@@ -7,7 +7,8 @@ import torch
 
 from progtrain import grow
 from progtrain.errors import ProgtrainConfigError
-from progtrain.train.lr_scales import UpdateScaler, compute_lr_scales, update_birth_stages, zero_param_hooks
+from progtrain.train.distributed import zero_param_hooks
+from progtrain.train.lr_scales import UpdateScaler, compute_lr_scales, update_birth_stages
 from tiny_models import tiny_model
 
 

@@ -108,13 +108,13 @@ def test_bert_mlm_run(tmp_path_factory):
 
 
 def test_non_finite_loss_stops_with_step_stage_and_checkpoint(tmp_path_factory):
-    from progtrain.train.engine import TrainingDiverged
+    from progtrain.errors import TrainingDivergedError
 
     tok = cached_tokenizer(tmp_path_factory, "causal_lm")
     out = tmp_path_factory.mktemp("nan") / "run"
     cfg = run_config(out, tok, optim={"lr": 1e30, "warmup_steps": 0, "max_grad_norm": 0.0},
                      train={"max_steps": 6, "eval_interval": 0, "checkpoint_interval": 1}, stages=[])
-    with pytest.raises(TrainingDiverged) as e:
+    with pytest.raises(TrainingDivergedError) as e:
         train(cfg)
     msg = str(e.value)
     assert "non-finite loss at step" in msg and "(stage 0)" in msg

@@ -81,7 +81,7 @@ def _gqa_head_maps(h: int, kv: int, h2: int, kv2: int) -> tuple[list[int], list[
         while heads:
             chunk, heads = heads[:g2], heads[g2:]
             if nxt >= kv2:  # validated in GrowthSpec.resolve; kept as a guard
-                raise ProgtrainConfigError(f"cannot regroup {h}/{kv} heads into {h2}/{kv2}")
+                raise RuntimeError(f"cannot regroup {h}/{kv} heads into {h2}/{kv2} (GrowthSpec.resolve should have refused it)")
             kv_src[nxt] = old_kv
             for i, oh in enumerate(chunk):
                 q_src[nxt * g2 + i] = oh

@@ -6,9 +6,10 @@ ZeRO-1/2/3), optimizer surgery across growth, checkpoint/resume, FLOPs accountin
 """
 
 from .config import RunConfig, StageConfig, load_config
-from .engine import TrainingDiverged, evaluate, train
+from ..errors import TrainingDivergedError
+from .engine import evaluate, train
 from .flops import flops_per_token, format_plan, plan
 from .surgery import grow_moments, update_scales
 
-__all__ = ["RunConfig", "StageConfig", "TrainingDiverged", "evaluate", "flops_per_token", "format_plan",
+__all__ = ["RunConfig", "StageConfig", "TrainingDivergedError", "evaluate", "flops_per_token", "format_plan",
            "grow_moments", "load_config", "plan", "train", "update_scales"]

@@ -7,13 +7,16 @@ it is renamed into place with :func:`progtrain.io.atomic_dir`)::
     optimizer.pt      {"moments": {param name: {"exp_avg", "exp_avg_sq"}}, "step": int} (full, fp32)
     births.pt         {param name: int8 tensor}: the stage at which each element was born
     scales.pt         {param name: tensor}: per-element update scales active in this stage (if any)
+    lr_scales.pt      {param name: tensor}: this stage's birth-stage LR scales (if it asks for them),
+                      as computed at its growth
     rng.pt            {"torch": ..., "cuda": [...], "python": ..., "numpy": ...} per rank
     state.json        step, stage, samples consumed (data position), tokens, FLOPs, wall seconds,
                       bad batches, growth history, boundary flag
 
 ``.pt`` files hold only tensors, numbers and strings and are read with
 ``torch.load(weights_only=True)``. The LR schedule is a pure function of the global step, so
-``state.json`` is its state.
+``state.json`` is its state. What goes in is :meth:`progtrain.train.engine.TrainState.state_dict`
+(plus the model, the moments and the engine's layout).
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ logger = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)$")
+#: state entries that are per-element tensor maps ({param name: tensor}), each in its own file
+TENSOR_MAPS = {"births": "births.pt", "scales": "scales.pt", "lr_scales": "lr_scales.pt"}
 
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint."""
+    """A loaded checkpoint: ``state`` is state.json plus ``opt_step``; ``births``/``scales``/
+    ``lr_scales`` the tensor maps (None when absent); ``rng`` one entry per rank that saved it."""
 
     path: Path
     state: dict
@@ -48,6 +54,13 @@ class Checkpoint:
     births: dict | None
     scales: dict | None
     rng: list | None
+    lr_scales: dict | None = None
+
+    def train_state(self, rank: int) -> dict:
+        """What :meth:`progtrain.train.engine.TrainState.load_state_dict` takes, for process
+        ``rank`` (a rank beyond the saved ones takes the last rank's RNG streams)."""
+        rng = self.rng[min(rank, len(self.rng) - 1)] if self.rng else None
+        return {**self.state, "births": self.births, "scales": self.scales, "lr_scales": self.lr_scales, "rng": rng}
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
@@ -102,36 +115,37 @@ def save_checkpoint(
     moments: dict,
     opt_step: int,
     state: dict,
-    births: dict | None,
-    scales: dict | None,
     rng: list[dict],
 ) -> Path:
-    """Write one checkpoint atomically (main process only) and return its path."""
+    """Write one checkpoint atomically (main process only) and return its path.
+
+    ``state``: JSON-able entries for state.json (``step`` names the directory) plus the tensor maps of
+    :data:`TENSOR_MAPS` (None: no file); ``rng``: one :func:`rng_state` per rank."""
     final = checkpoint_dir(output_dir, int(state["step"]))
+    maps = {k: state[k] for k in TENSOR_MAPS if k in state}
+    json_state = {k: v for k, v in state.items() if k not in TENSOR_MAPS}
     with atomic_dir(final, overwrite=True) as tmp:
         model.save_pretrained(tmp / "model", safe_serialization=True)
         torch.save({"moments": moments, "step": int(opt_step)}, tmp / "optimizer.pt")
-        if births is not None:
-            torch.save(births, tmp / "births.pt")
-        if scales is not None:
-            torch.save(scales, tmp / "scales.pt")
+        for key, value in maps.items():
+            if value is not None:
+                torch.save(value, tmp / TENSOR_MAPS[key])
         torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
+        (tmp / "state.json").write_text(json.dumps(json_state, indent=1, default=_json_default))
     logger.info("checkpoint saved: %s", final)
     return final
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint's state, moments, birth maps, scales and RNG (model weights are loaded by
-    the caller from ``path/model``)."""
+    """Read a checkpoint's state, moments, tensor maps and RNG (model weights are loaded by the caller
+    from ``path/model``)."""
     p = Path(path)
     opt = torch.load(p / "optimizer.pt", weights_only=True, map_location="cpu")
-    births = torch.load(p / "births.pt", weights_only=True) if (p / "births.pt").exists() else None
-    scales = torch.load(p / "scales.pt", weights_only=True) if (p / "scales.pt").exists() else None
+    maps = {k: torch.load(p / f, weights_only=True) if (p / f).exists() else None for k, f in TENSOR_MAPS.items()}
     rng = torch.load(p / "rng.pt", weights_only=True) if (p / "rng.pt").exists() else None
     state = json.loads((p / "state.json").read_text())
     state["opt_step"] = int(opt["step"])
-    return Checkpoint(p, state, opt["moments"], births, scales, rng)
+    return Checkpoint(p, state, opt["moments"], maps["births"], maps["scales"], rng, maps["lr_scales"])
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> None:

@@ -1,11 +1,17 @@
 """``progtrain train CONFIG`` and ``progtrain plan CONFIG`` (registered into the CLI by
-``progtrain.cli``)."""
+``progtrain.cli``).
+
+The command functions import the training stack (torch, transformers, accelerate) when they run, not
+at module level: ``progtrain.cli`` imports this module to build its parser, and ``progtrain --help``
+must not pay for them.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
+
+from ..errors import ProgtrainConfigError
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,31 +24,30 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Validate the config (before any work), then train; exit 1 if the loss diverges."""
+    """Validate the config (before any work), then train; a diverged loss raises
+    :class:`~progtrain.errors.TrainingDivergedError` (exit 1)."""
     from .config import load_config
-    from .engine import TrainingDiverged, train
+    from .engine import train
 
     cfg = load_config(args.config, args.overrides, args.output_dir)
-    try:
-        train(cfg, resume=args.resume)
-    except TrainingDiverged as e:
-        print(f"progtrain train: training stopped: {e}", file=sys.stderr)
-        return 1
+    train(cfg, resume=args.resume)
     return 0
 
 
 def run_recipe(task: str, default_config: str, description: str, argv: list[str] | None = None) -> int:
     """Entry point of the ``recipes/`` scripts: the same path as ``progtrain train``, checking that the
-    config trains ``task`` (causal_lm | masked_lm). Returns the exit code (2 with one line on bad input)."""
-    from ..errors import ProgtrainConfigError
+    config trains ``task`` (causal_lm | masked_lm). Returns the exit code (2 with one line on bad input,
+    1 when training diverges; see :mod:`progtrain.errors`)."""
+    from ..cli import run_command
     from .config import load_config
-    from .engine import TrainingDiverged, train
+    from .engine import train
 
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", default=default_config, help=f"YAML run config (default: {default_config})")
     add_run_arguments(p)
     args = p.parse_args(argv)
-    try:
+
+    def recipe(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides, args.output_dir)
         if cfg.model.task != task:
             raise ProgtrainConfigError(
@@ -50,13 +55,9 @@ def run_recipe(task: str, default_config: str, description: str, argv: list[str]
                 f"or `progtrain train {args.config}`"
             )
         train(cfg, resume=args.resume)
-    except ProgtrainConfigError as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"{p.prog}: training stopped: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_command(recipe, args, p.prog)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -1,6 +1,8 @@
-"""Distributed execution for the training engine: one place that knows how a model, its optimizer
-and its scheduler are wrapped (single process, DDP, DeepSpeed ZeRO-1/2/3), and how to get the full
-model and Adam's moments out of them and back in across a growth.
+"""Distributed execution for the training engine: the one place that knows how a model, its optimizer
+and its scheduler are wrapped (single process, DDP, DeepSpeed ZeRO-1/2/3), how to get the full
+model and Adam's moments out of them and back in across a growth, and where the optimizer step
+runs. :class:`Engine` puts all of it behind one interface for the training loop; the functions
+below are its parts, usable on their own.
 
 The engine's life cycle around a growth::
 
@@ -10,7 +12,7 @@ The engine's life cycle around a growth::
     full = gather_full_state(acc, model, opt)          # every rank: full fp32 CPU model + moments + step
     result = progtrain.grow(full.model, ...)           # same on every rank (same seed)
     moments = {name: {k: pmap.map_tensor(full.moments[pmap.old_name][k]) ...}}  (or train.surgery)
-    release(acc)                                       # drop engine / wrapped objects, keep process group
+    model, opt, sched = release(acc, model, opt, sched)  # drop engine / wrapped objects, keep process group
     model, opt, sched = prepare(acc, result.model, new_opt, new_sched, micro_batch_size=b)
     load_moments(acc, model, opt, moments, full.step)
     ...train...
@@ -19,17 +21,19 @@ The engine's life cycle around a growth::
 Moments are keyed by the names of ``model.named_parameters()`` of the unwrapped model (for a plain
 HF model: the plain HF parameter names, a tied head once under the embedding). Tensors in a
 :class:`FullState` are fp32 on the CPU. On CPU the process group is gloo; see ``launch/README.md``
-for the launch commands that really give 2 processes with the engine asked for.
+for the launch commands that really give 2 processes with the engine asked for. ``deepspeed`` is
+imported inside the functions that run under it only: it is an optional dependency whose import
+takes seconds.
 """
 
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from accelerate import Accelerator, init_empty_weights
@@ -38,6 +42,7 @@ from transformers import PreTrainedModel
 
 from ..carry import carry_generation_config
 from ..errors import ProgtrainConfigError
+from .lr_scales import UpdateScaler
 
 logger = logging.getLogger(__name__)
 
@@ -168,19 +173,23 @@ def build_accelerator(
             f"CPU-only machine launch DDP with ACCELERATE_USE_CPU=1 (launch/cpu_ddp2.yaml), see launch/README.md"
         )
     if acc.distributed_type == DistributedType.DEEPSPEED:
-        plugin = acc.state.deepspeed_plugin
-        if plugin.zero_stage not in (1, 2, 3):
-            raise ProgtrainConfigError(
-                f"DeepSpeed ZeRO stage {plugin.zero_stage} is not supported; use stage 1, 2 or 3, or DDP"
-            )
-        if gradient_clipping is not None:
-            plugin.deepspeed_config["gradient_clipping"] = float(gradient_clipping)
-        plugin.deepspeed_config.setdefault("steps_per_print", 10**9)
-        if plugin.deepspeed_config.get("steps_per_print") == float("inf"):
-            plugin.deepspeed_config["steps_per_print"] = 10**9
+        _configure_deepspeed_plugin(acc.state.deepspeed_plugin, gradient_clipping)
     logger.info("accelerator: %s, %d process(es), engine %s", acc.distributed_type, acc.num_processes,
                 engine_kind(acc))
     return acc
+
+
+def _configure_deepspeed_plugin(plugin, gradient_clipping: float | None) -> None:
+    """Check the ZeRO stage; write the clipping norm and a quiet ``steps_per_print`` into the config."""
+    if plugin.zero_stage not in (1, 2, 3):
+        raise ProgtrainConfigError(
+            f"DeepSpeed ZeRO stage {plugin.zero_stage} is not supported; use stage 1, 2 or 3, or DDP"
+        )
+    if gradient_clipping is not None:
+        plugin.deepspeed_config["gradient_clipping"] = float(gradient_clipping)
+    plugin.deepspeed_config.setdefault("steps_per_print", 10**9)
+    if plugin.deepspeed_config.get("steps_per_print") == float("inf"):
+        plugin.deepspeed_config["steps_per_print"] = 10**9
 
 
 def engine_kind(accelerator: Accelerator) -> str:
@@ -240,18 +249,16 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.o
     return tuple(out)
 
 
-def release(accelerator: Accelerator) -> None:
-    """Drop the wrapped model/optimizer/scheduler (and the DeepSpeed engine with its partitions)
-    before a rebuild. Keeps the process group, the prepared dataloaders and the accumulation
-    counter, unlike ``Accelerator.free_memory``."""
-    engine = getattr(accelerator, "deepspeed_engine_wrapped", None)
-    if engine is not None:
-        engine.engine.destroy()
-        accelerator.deepspeed_engine_wrapped = None
-    accelerator._models.clear()
-    accelerator._optimizers.clear()
-    accelerator._schedulers.clear()
-    gc.collect()
+def release(accelerator: Accelerator, *objects) -> tuple:
+    """Drop the prepared model/optimizer/scheduler (and the DeepSpeed engine with its partitions)
+    before a rebuild, through ``Accelerator.free_memory`` (accelerate's public API); returns
+    ``objects`` as Nones, so ``model, opt, sched = release(acc, model, opt, sched)`` drops the
+    caller's references too. The process group and the prepared dataloaders keep working (only
+    accelerate's list of them is emptied, which ``save_state`` alone reads). ``free_memory`` also
+    resets the accumulation counter ``accelerator.step`` to 0; a growth happens between optimizer
+    steps, where that counter is a multiple of ``gradient_accumulation_steps``, so the micro-batches
+    on which gradients sync do not move."""
+    return tuple(accelerator.free_memory(*objects))
 
 
 def _base_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -477,3 +484,172 @@ def full_model_for_save(accelerator: Accelerator, model: torch.nn.Module) -> Pre
         values = _ds_full_params(unwrapped)
         return _rebuilt_model(unwrapped, values) if accelerator.is_main_process else None
     return unwrapped if accelerator.is_main_process else None
+
+
+def zero_param_hooks() -> tuple[Callable[[torch.nn.Parameter], torch.Tensor], Callable[[torch.nn.Parameter, torch.Tensor], None]]:
+    """``(get_param, set_param)`` for :class:`UpdateScaler` under DeepSpeed ZeRO-1/2.
+
+    ``get_param`` returns the optimizer's full fp32 copy of a parameter
+    (``deepspeed.utils.safe_get_full_fp32_param``; the module parameter itself when DeepSpeed keeps
+    none). ``set_param`` writes the scaled value into that fp32 copy
+    (``safe_set_full_fp32_param``) *and* into the module parameter: DeepSpeed copies the fp32
+    partitions to the module only inside its own step, so without the second write the next forward
+    would still see the unscaled update. ZeRO-1/2 keep full module parameters on every rank, which is
+    what makes the second write valid; ZeRO-3 partitions them and is refused.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    def _check(p: torch.nn.Parameter) -> None:
+        if hasattr(p, "ds_id"):
+            raise ProgtrainConfigError(
+                "per-element update scales are not supported under ZeRO-3 (partitioned parameters): use ZeRO-1/2 "
+                "or turn lr_scales / born_warmup_steps / match_dynamics off"
+            )
+
+    def get_param(p: torch.nn.Parameter) -> torch.Tensor:
+        _check(p)
+        full = safe_get_full_fp32_param(p)
+        return p.detach().float() if full is None else full
+
+    def set_param(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+        safe_set_full_fp32_param(p, value)
+        p.data.copy_(value.to(device=p.device, dtype=p.dtype))
+
+    return get_param, set_param
+
+
+class Engine:
+    """The run's engine behind one interface, so the training loop never asks which one it has.
+
+    Wraps an :class:`~accelerate.Accelerator` from :func:`build_accelerator` and holds the prepared
+    ``model``, ``optimizer`` and ``scheduler``. The one difference the loop would otherwise see is
+    where the optimizer step runs: DeepSpeed runs it inside ``backward`` (on its fp32 partitions),
+    the other engines in ``optimizer.step()``. Per-element update scales
+    (:class:`~progtrain.train.lr_scales.UpdateScaler`) hang on that step as two hooks, a snapshot
+    before the update and the scaling after it, which :meth:`backward` and :meth:`step` place::
+
+        engine = Engine(build_accelerator(...), max_grad_norm=1.0)
+        engine.prepare(model, opt, sched, micro_batch_size=b)
+        engine.set_update_scales(scales)       # once per optimizer step (None: plain update)
+        for each micro-batch:  with accelerator.accumulate(engine.model):
+            loss = engine.model(**batch).loss
+            engine.backward(loss)              # snapshot before it when the step runs inside it
+            if accelerator.sync_gradients:
+                engine.step()                  # clip, step (or not), scale the update
+            engine.zero_grad()
+        full = engine.gather_full_state(); engine.release(); ... engine.prepare(grown, ...)
+
+    Attributes:
+        accelerator: the wrapped accelerator.
+        kind: :func:`engine_kind` of it (recorded in logs and checkpoints, never branched on outside
+            this module).
+        model, optimizer, scheduler: the prepared objects (None before :meth:`prepare`, after
+            :meth:`release`).
+        named_params: ``{name: parameter}`` of the unwrapped model (the names of the moments and of
+            the update scales).
+    """
+
+    def __init__(self, accelerator: Accelerator, *, max_grad_norm: float = 0.0) -> None:
+        self.accelerator = accelerator
+        self.kind = engine_kind(accelerator)
+        self.max_grad_norm = float(max_grad_norm)
+        self._steps_in_backward = _is_deepspeed(accelerator)  # DeepSpeed steps its optimizer inside backward
+        self.model = self.optimizer = self.scheduler = None
+        self.named_params: dict[str, torch.nn.Parameter] = {}
+        self._scaler = None
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    # .................................................................. checks
+    def check_update_scales(self) -> None:
+        """Refuse per-element update scales on an engine that shards the parameters.
+
+        Raises:
+            ProgtrainConfigError: under ZeRO-3 or FSDP (no rank holds a full parameter to scale)."""
+        if self.kind in ("zero3", "fsdp"):
+            raise ProgtrainConfigError(
+                f"lr_scales / born_warmup_steps / match_dynamics scale each element's update, which needs full "
+                f"parameters on every rank; {self.kind} shards them: use DDP or ZeRO-1/2, or remove those stage options"
+            )
+
+    # .................................................................. life cycle
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
+                micro_batch_size: int) -> tuple:
+        """:func:`prepare` the three objects, keep them, and return them."""
+        self.model, self.optimizer, self.scheduler = prepare(
+            self.accelerator, model, optimizer, scheduler, micro_batch_size=micro_batch_size)
+        self.named_params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+        return self.model, self.optimizer, self.scheduler
+
+    def load_moments(self, moments: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+        """:func:`load_moments` into the prepared optimizer."""
+        load_moments(self.accelerator, self.model, self.optimizer, moments, step)
+
+    def gather_full_state(self) -> FullState:
+        """:func:`gather_full_state` of the prepared model and optimizer (collective)."""
+        return gather_full_state(self.accelerator, self.model, self.optimizer)
+
+    def full_model_for_save(self) -> PreTrainedModel | None:
+        """:func:`full_model_for_save` of the prepared model (collective)."""
+        return full_model_for_save(self.accelerator, self.model)
+
+    def keep_for_save(self, model: PreTrainedModel) -> PreTrainedModel:
+        """``model`` (full, fp32, CPU), as it can still be saved after :meth:`prepare` takes it and
+        before any optimizer step: the model itself where preparing keeps its values in place (one
+        process, DDP: at most moved to the device), a CPU copy where the engine takes the module
+        over (DeepSpeed partitions or casts its parameters in place). Saves gathering it back."""
+        return copy.deepcopy(model) if self._steps_in_backward else model
+
+    def release(self) -> None:
+        """:func:`release` the prepared objects before a rebuild."""
+        self.model, self.optimizer, self.scheduler = release(self.accelerator, self.model, self.optimizer, self.scheduler)
+        self.named_params, self._scaler = {}, None
+
+    # .................................................................. one optimizer step
+    def set_update_scales(self, scales: dict[str, torch.Tensor] | None) -> None:
+        """Per-element update multipliers for the next optimizer step (None: the plain update), by
+        the names of :attr:`named_params`; see :mod:`progtrain.train.lr_scales`."""
+        self._scaler = None if scales is None else UpdateScaler(self.optimizer, self.named_params, scales,
+                                                                **self._param_hooks())
+
+    def _param_hooks(self) -> dict:
+        if self.kind in ("zero1", "zero2"):  # the optimizer updates DeepSpeed's fp32 partitions
+            get_param, set_param = zero_param_hooks()
+            return {"get_param": get_param, "set_param": set_param}
+        return {}
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether ``loss`` is finite on every process (collective when there are several)."""
+        finite = torch.isfinite(loss.detach()).float()
+        if self.world_size > 1:
+            finite = self.accelerator.reduce(finite, reduction="sum")
+        return not float(finite) < self.world_size
+
+    def mean(self, value: float) -> float:
+        """Mean of a per-process number over the processes (collective when there are several)."""
+        if self.world_size == 1:
+            return value
+        return float(self.accelerator.reduce(torch.tensor(value, device=self.accelerator.device), reduction="mean"))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch; where the optimizer step runs inside it (DeepSpeed, on the
+        micro-batch that ends an accumulation), the update scaler's snapshot is taken first."""
+        if self._scaler is not None and self._steps_in_backward and self.accelerator.sync_gradients:
+            self._scaler.snapshot()
+        self.accelerator.backward(loss)
+
+    def step(self) -> None:
+        """The optimizer step at the end of an accumulation: clip (``max_grad_norm``; DeepSpeed
+        clips inside its own step), step, and scale the update when update scales are set."""
+        if self.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        if self._scaler is not None and self._steps_in_backward:
+            self.optimizer.step()  # a no-op wrapper: the step already ran in backward
+            self._scaler.apply()
+        else:
+            (self._scaler or self.optimizer).step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)

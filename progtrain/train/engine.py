@@ -1,10 +1,19 @@
 """The progressive pretraining loop.
 
 One code path for one CPU process, DDP and DeepSpeed ZeRO-1/2/3: everything that depends on the
-process/engine layout goes through :mod:`progtrain.train.distributed`. At each stage boundary::
+process/engine layout goes through :class:`progtrain.train.distributed.Engine`, so the loop reads as a
+plain Accelerate loop (torchtitan's ``train.py`` shape)::
+
+    run:  setup -> restore or init -> loaders -> logs -> for each step: grow if due -> train_step
+          -> log -> evaluate -> checkpoint -> finish
+    train_step:  for each micro-batch: forward -> backward -> (at the accumulation boundary) step
+
+Everything that must survive a restart lives in one :class:`TrainState` (``state_dict()`` /
+``load_state_dict()``). At each stage boundary::
 
     evaluate -> gather_full_state -> progtrain.grow -> optimizer surgery on the moments -> release
-    -> new optimizer + scheduler -> prepare -> load_moments -> evaluate -> checkpoint -> continue
+    -> new optimizer + scheduler -> prepare -> load_moments -> evaluate
+    -> checkpoint of the grown state (from the growth's result, not gathered back) -> continue
 
 The LR schedule is per run (linear warm-up, then cosine/linear/constant to ``min_lr_ratio`` at
 ``max_steps``) and a pure function of the global optimizer step, optionally re-warmed after a
@@ -20,26 +29,33 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..errors import ProgtrainConfigError
+from ..arch import get_adapter
+from ..errors import ProgtrainConfigError, TrainingDivergedError
+from ..growth import GrowthSpec, grow
+from ..growth.calibration import fit_problems, input_limits
+from ..hub import push_to_hub
+from ..init import get_strategy
+from ..io import load_model, model_class_for, save_checkpoint
 from . import checkpoint as ckpt
-from .config import RunConfig
+from .config import RunConfig, StageConfig, initial_hf_config
 from .data import RunData, prepare_data
-from .flops import flops_per_token, total_params
+from .distributed import Engine, FullState, build_accelerator
+from .fade import LayerFade
+from .flops import flops_per_token, meta_model, stage_configs, total_params
+from .lr_scales import compute_lr_scales, update_birth_stages
 from .report import MetricsLog, format_stage_table, model_card, perplexity, plot_loss_vs_flops, read_metrics, stage_rows
 from .surgery import grow_moments, update_scales
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss beyond ``train.max_bad_batches``; the message names the step, the stage and
-    the last good checkpoint."""
 
 
 # ---------------------------------------------------------------------- pieces
@@ -70,10 +86,6 @@ def lr_factor(cfg: RunConfig, step: int) -> float:
 def build_initial_model(cfg: RunConfig, tokenizer: Any) -> PreTrainedModel:
     """The stage-0 model: the given checkpoint, or a fresh model of ``model.family`` with the
     tokenizer's vocabulary and special-token ids (fp32, seeded by ``cfg.seed``)."""
-    from ..growth.calibration import fit_problems, input_limits
-    from ..io import load_model, model_class_for
-    from .config import initial_hf_config
-
     masked = cfg.model.task == "masked_lm"
     if cfg.model.checkpoint:
         # the run's blocks (and the calibration batches of data-driven growth, drawn from them) must fit
@@ -136,12 +148,75 @@ def evaluate(model: Any, batches: Any, causal: bool, reduce: Any = None) -> floa
     return float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
 
 
-def _import_lr_scales():
-    try:
-        from . import lr_scales
-    except ImportError:
-        return None
-    return lr_scales
+# ---------------------------------------------------------------------- state that survives a restart
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides the model and the optimizer's moments (torchtitan's
+    ``TrainState``): counters, the data position, the growth history, the per-element maps and this
+    process's RNG streams. :meth:`state_dict` is what a checkpoint stores
+    (:func:`progtrain.train.checkpoint.save_checkpoint`); :meth:`load_state_dict` restores it.
+
+    Attributes:
+        step: optimizer steps taken. The LR schedule, the stage and the fade-in are functions of it.
+        stage: index of the stage being trained (0 = the initial model).
+        samples: training sequences consumed, the data position (``step * train.batch_size``).
+        tokens: training tokens consumed, all processes together.
+        flops: training FLOPs spent (see :mod:`progtrain.train.flops`).
+        wall_s: wall-clock seconds of the run before this process started.
+        bad_batches: optimizer steps skipped for a non-finite loss.
+        history: one growth record per growth so far (``GrowthResult.record`` + stage, name, step).
+        births: ``{param name: int8 tensor}``, the stage at which each element was born.
+        scales: ``{param name: tensor}``, this stage's ``match_dynamics`` update scales (or None).
+        lr_scales: ``{param name: tensor}``, this stage's birth-stage LR scales (stage option
+            ``lr_scales``), computed from the grown model at the growth (or None).
+    """
+
+    step: int = 0
+    stage: int = 0
+    samples: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    wall_s: float = 0.0
+    bad_batches: int = 0
+    history: list[dict] = field(default_factory=list)
+    births: dict[str, torch.Tensor] | None = None
+    scales: dict[str, torch.Tensor] | None = None
+    lr_scales: dict[str, torch.Tensor] | None = None
+    _t0: float = field(default_factory=time.perf_counter, repr=False)
+
+    def start_clock(self) -> None:
+        """Start timing this process's share of :meth:`elapsed`."""
+        self._t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Wall-clock seconds of the run so far, earlier processes included."""
+        return self.wall_s + (time.perf_counter() - self._t0)
+
+    def advance(self, batch_size: int, tokens: int, flops: float) -> None:
+        """Count one optimizer step of ``batch_size`` sequences, ``tokens`` tokens and ``flops`` FLOPs."""
+        self.step += 1
+        self.samples += batch_size
+        self.tokens += tokens
+        self.flops += flops
+
+    def state_dict(self) -> dict:
+        """JSON-able counters and history, the tensor maps (``births``, ``scales``, ``lr_scales``) and
+        this process's RNG states (``rng``, see :func:`progtrain.train.checkpoint.rng_state`)."""
+        return {"step": self.step, "stage": self.stage, "samples": self.samples, "tokens": self.tokens,
+                "flops": self.flops, "wall_s": self.elapsed(), "bad_batches": self.bad_batches,
+                "history": self.history, "births": self.births, "scales": self.scales,
+                "lr_scales": self.lr_scales, "rng": ckpt.rng_state()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore what :meth:`state_dict` returned (``rng``: this process's entry; None keeps the
+        current streams; ``lr_scales`` None in checkpoints written before it was stored)."""
+        self.step, self.stage, self.samples = int(sd["step"]), int(sd["stage"]), int(sd["samples"])
+        self.tokens, self.flops, self.wall_s = sd["tokens"], sd["flops"], sd["wall_s"]
+        self.bad_batches, self.history = sd["bad_batches"], list(sd["history"])
+        self.births, self.scales, self.lr_scales = sd.get("births"), sd.get("scales"), sd.get("lr_scales")
+        if sd.get("rng"):
+            ckpt.set_rng_state(sd["rng"])
+        self.start_clock()
 
 
 # ---------------------------------------------------------------------- the run
@@ -152,6 +227,10 @@ class ProgressiveTrainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.resume = resume
+        self.state = TrainState()
+        self.fade: LayerFade | None = None
+        self.last_ckpt: str | None = None
+        self.val_dl = None
         self._check_output_dir()
 
     def _check_output_dir(self) -> None:
@@ -163,22 +242,91 @@ class ProgressiveTrainer:
                 f"output directory {self.out} already holds a run: pass --resume to continue it, or another --output-dir"
             )
 
+    # .................................................................. the loop
+    def run(self, stop_at_step: int | None = None) -> dict:
+        """Train to ``train.max_steps`` (or stop after ``stop_at_step`` optimizer steps, for tests
+        and time-limited jobs; the last state is checkpointed). Returns a summary dict."""
+        cfg, state = self.cfg, self.state
+        self._setup()
+        resumed = self._restore_or_init()
+        batches = self._make_loaders()
+        self._open_logs(resumed)
+        stop = cfg.train.max_steps if stop_at_step is None else min(stop_at_step, cfg.train.max_steps)
+        bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not self.acc.is_main_process,
+                   desc="train", dynamic_ncols=True)
+        with bar:
+            while state.step < stop:
+                if state.stage + 1 < len(self.starts) and state.step == self.starts[state.stage + 1]:
+                    self._grow(state.stage + 1)
+                train_loss, skipped = self.train_step(batches)
+                bar.update(1)
+                if state.step % cfg.train.log_interval == 0 or state.step == stop:
+                    bar.set_postfix(loss=f"{train_loss:.4f}", stage=state.stage, refresh=False)
+                    self._log(event="train", train_loss=None if skipped else train_loss,
+                              lr=self.engine.optimizer.param_groups[0]["lr"])
+                if self.val_dl is not None and cfg.train.eval_interval and (
+                        state.step % cfg.train.eval_interval == 0 or state.step == cfg.train.max_steps):
+                    self._log(event="eval", val_loss=self._eval())
+                if (cfg.train.checkpoint_interval and state.step % cfg.train.checkpoint_interval == 0) or (
+                        state.step == stop and stop < cfg.train.max_steps):
+                    self._checkpoint()
+        if state.step < cfg.train.max_steps:
+            return {"stopped_at": state.step, "checkpoint": self.last_ckpt}
+        return self._finish()
+
+    def train_step(self, batches: Iterator[dict]) -> tuple[float, bool]:
+        """One optimizer step over ``train.grad_accum`` micro-batches: forward, backward, step.
+
+        Returns the training loss (nats per predicted token: the micro-batches' mean losses averaged,
+        then averaged over processes; 0.0 for a skipped step) and whether the step was skipped for a
+        non-finite loss (no update then; :class:`TrainingDivergedError` past ``train.max_bad_batches``)."""
+        cfg, acc, engine, state = self.cfg, self.acc, self.engine, self.state
+        self._advance_fade()
+        engine.set_update_scales(self._update_scales())
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        skipped = False
+        for _ in range(cfg.train.grad_accum):
+            batch = next(batches)  # before accumulate(): the loader flags its last batch when fetching it
+            with acc.accumulate(engine.model):
+                loss = engine.model(**batch).loss
+                skipped = not engine.all_finite(loss) or skipped
+                if not skipped:
+                    engine.backward(loss)
+                    loss_sum += loss.detach().double().cpu()
+                    if acc.sync_gradients:
+                        engine.step()
+                engine.zero_grad()
+        if skipped:
+            self._skip_step()
+        state.advance(cfg.train.batch_size, cfg.tokens_per_step, self.flops_tok * cfg.tokens_per_step)
+        engine.scheduler.step()
+        return engine.mean(float(loss_sum) / cfg.train.grad_accum), skipped
+
+    def _skip_step(self) -> None:
+        """Count a skipped step; raise :class:`TrainingDivergedError` beyond ``train.max_bad_batches``."""
+        cfg, state = self.cfg, self.state
+        state.bad_batches += 1
+        name = f" {cfg.stages[state.stage - 1].name}" if state.stage else ""
+        msg = (f"non-finite loss at step {state.step + 1} (stage {state.stage}{name}); last good checkpoint: "
+               f"{self.last_ckpt or 'none'}")
+        if state.bad_batches > cfg.train.max_bad_batches:
+            raise TrainingDivergedError(msg + ". Lower optim.lr or raise optim.warmup_steps, then resume from that "
+                                         "checkpoint (--resume), or allow skips with train.max_bad_batches")
+        logger.warning("%s: batch skipped (%d of %d allowed)", msg, state.bad_batches, cfg.train.max_bad_batches)
+
     # .................................................................. setup
     def _setup(self) -> None:
-        from . import distributed as D
-
         cfg = self.cfg
         mp = cfg.train.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-        self.acc = acc = D.build_accelerator(
+        self.acc = acc = build_accelerator(
             mixed_precision=mp, gradient_accumulation_steps=cfg.train.grad_accum,
             deepspeed_config=cfg.train.deepspeed_config, log_with=list(cfg.train.trackers) or None,
             project_dir=str(self.out), gradient_clipping=float(cfg.optim.max_grad_norm),
         )
-        self.D = D
+        self.engine = Engine(acc, max_grad_norm=cfg.optim.max_grad_norm)
         self.world = acc.num_processes
-        self.engine = D.engine_kind(acc)
         self.micro_global = cfg.train.batch_size // cfg.train.grad_accum
         if self.micro_global % self.world:
             raise ProgtrainConfigError(
@@ -186,198 +334,47 @@ class ProgressiveTrainer:
                 f"over {self.world} processes: make it a multiple of {self.world}"
             )
         self.micro = self.micro_global // self.world
-        needs_scales = any(s.lr_scales or s.born_warmup_steps or s.match_dynamics for s in cfg.stages)
-        if needs_scales and self.engine in ("zero3", "fsdp"):
-            raise ProgtrainConfigError(
-                f"lr_scales / born_warmup_steps / match_dynamics scale each element's update, which needs full "
-                f"parameters on every rank; {self.engine} shards them: use DDP or ZeRO-1/2, or remove those stage options"
-            )
-        self.lr_scales = _import_lr_scales()
-        if needs_scales and self.lr_scales is None:
-            raise ProgtrainConfigError(
-                "a stage asks for lr_scales / born_warmup_steps / match_dynamics, which need "
-                "progtrain.train.lr_scales (not in this build): remove those stage options"
-            )
+        if any(s.lr_scales or s.born_warmup_steps or s.match_dynamics for s in cfg.stages):
+            self.engine.check_update_scales()
+        self.starts = cfg.stage_starts()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
         with acc.main_process_first():
             self.data: RunData = prepare_data(cfg, self.out)
 
-    # .................................................................. model state
-    def _build(self, model: PreTrainedModel, moments: dict | None, opt_step: int) -> None:
-        """Optimizer + scheduler for ``model``, prepared; moments loaded when given."""
-        cfg = self.cfg
-        model.train()
-        self.flops_tok = flops_per_token(model, cfg.data.seq_len)
-        self.n_params = total_params(model)
-        opt = make_optimizer(model, cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: lr_factor(cfg, self.step))
-        self.model, self.opt, self.sched = self.D.prepare(self.acc, model, opt, sched, micro_batch_size=self.micro)
-        if moments is not None:
-            self.D.load_moments(self.acc, self.model, self.opt, moments, opt_step)
-        self._named = dict(self.acc.unwrap_model(self.model).named_parameters())
-
-    def _scaler(self) -> Any:
-        """The update scaler for this step (None when every element takes the plain AdamW update)."""
-        if self.lr_scales is None:
-            return None
-        st = self.cfg.stages[self.stage - 1] if self.stage > 0 else None
-        scales = None
-        if st is not None:
-            base = dict(self.stage_scales) if self.stage_scales is not None else None
-            if st.lr_scales is not None and self.births is not None:
-                full = self._birth_scale_cache
-                base = full if base is None else {n: base[n] * full[n] for n in base}
-            since = self.step - st.start_step
-            if st.born_warmup_steps and since < st.born_warmup_steps and self.births is not None:
-                ramp = since / st.born_warmup_steps
-                base = base or {n: torch.ones_like(b, dtype=torch.float32) for n, b in self.births.items()}
-                base = {n: torch.where(self.births[n] == self.stage, base[n] * ramp, base[n]) for n in base}
-            scales = base
-        if scales is None:
-            return None
-        hooks = {}
-        if self.engine in ("zero1", "zero2"):  # the optimizer updates DeepSpeed's fp32 partitions
-            get_param, set_param = self.lr_scales.zero_param_hooks()
-            hooks = {"get_param": get_param, "set_param": set_param}
-        return self.lr_scales.UpdateScaler(self.opt, self._named, scales, **hooks)
-
-    # .................................................................. growth
-    def _grow(self, idx: int) -> None:
-        from .. import grow
-        from ..growth.spec import GrowthSpec
-        from ..init import get_strategy
-
-        cfg, acc = self.cfg, self.acc
-        st = cfg.stages[idx - 1]
-        before = self._eval() if self.val_dl is not None else None
-        t0 = time.perf_counter()
-        full = self.D.gather_full_state(acc, self.model, self.opt)
-        strategy = get_strategy(st.init, **(st.init_kwargs or {}))
-        data = None
-        if strategy.needs_data:
-            data = self.data.calibration_batches(st.calib_batches, self.micro_global, self.step * cfg.train.batch_size)
-        seed = cfg.seed + idx if st.seed is None else st.seed
-        res = grow(full.model, GrowthSpec.from_dict(dict(st.grow)), init=strategy, seed=seed, data=data)
-        moments = grow_moments(full.moments, res.param_maps, factors=True)
-        old_shapes = {n: tuple(p.shape) for n, p in full.model.named_parameters()}
-        if self.lr_scales is not None:
-            self.births = self.lr_scales.update_birth_stages(self.births, res.model, res.param_maps, idx)
-        self.stage_scales = update_scales(res.param_maps, old_shapes, born_scale=1.0) if st.match_dynamics else None
-        opt_step = full.step
-        self.history.append(dict(res.record, stage=idx, stage_name=st.name, step=self.step))
-        del full
-        self.D.release(acc)
-        self.model = self.opt = self.sched = None
-        self.stage = idx
-        self._build(res.model, moments, opt_step)
-        if st.lr_scales is not None and self.lr_scales is not None:
-            self._birth_scale_cache = self.lr_scales.compute_lr_scales(
-                res.model, self.births, mode=st.lr_scales.mode, clamp=tuple(st.lr_scales.clamp), group=st.lr_scales.group)
-        growth_s = time.perf_counter() - t0  # gather, grow, optimizer surgery, rebuild; not the two evaluations
-        self._start_fade(st, res.record["new_layer_positions"], 0)
-        after = self._eval() if self.val_dl is not None else None
-        self._log(event="growth", name=st.name, val_loss_before=before, val_loss_after=after, exact=res.exact,
-                  params=self.n_params, sizes=res.target_sizes.as_dict(), deviation=(res.deviation or {}).get("rel"),
-                  growth_s=round(growth_s, 4))
-        if before is not None:
-            logger.info("growth to stage %d (%s) at step %d: val loss %.6f -> %.6f", idx, st.name, self.step, before, after)
-        self._checkpoint(boundary=True)
-
-    def _start_fade(self, st: Any, positions: list[int], since: int) -> None:
-        """Fade the stage's new blocks in (stage option ``fade_in_steps``), ``since`` steps into it."""
-        self.fade = None
-        if st.fade_in_steps and positions and since < st.fade_in_steps:
-            from .fade import LayerFade
-
-            self.fade = LayerFade(self.acc.unwrap_model(self.model), positions, st.fade_in_steps)
-            self.fade.set_step(since)
-
-    # .................................................................. helpers
-    def _eval(self) -> float:
-        return evaluate(self.model, self.val_dl, self.cfg.model.task == "causal_lm", reduce=self.acc.reduce)
-
-    def _log(self, **row: Any) -> None:
-        row.setdefault("step", self.step)
-        row.setdefault("stage", self.stage)
-        row.setdefault("tokens", self.tokens)
-        row.setdefault("flops", self.flops)
-        row.setdefault("wall_s", round(self.wall(), 3))
-        if self.acc.is_main_process:
-            line = self.metrics.write(**row)
-            if self.cfg.train.trackers:
-                self.acc.log({k: v for k, v in line.items() if isinstance(v, (int, float)) and v is not None}, step=self.step)
-
-    def _checkpoint(self, boundary: bool = False) -> None:
-        from accelerate.utils import gather_object
-
-        full = self.D.gather_full_state(self.acc, self.model, self.opt)
-        rng = gather_object([ckpt.rng_state()])
-        if self.acc.is_main_process:
-            state = {"step": self.step, "stage": self.stage, "samples": self.step * self.cfg.train.batch_size,
-                     "tokens": self.tokens, "flops": self.flops, "wall_s": self.wall(), "bad_batches": self.bad,
-                     "history": self.history, "boundary": boundary, "world_size": self.world, "engine": self.engine}
-            path = ckpt.save_checkpoint(self.out, model=full.model, moments=full.moments, opt_step=full.step,
-                                        state=state, births=self.births, scales=self.stage_scales, rng=rng)
-            self.last_ckpt = str(path)
-            ckpt.prune_checkpoints(self.out, self.cfg.train.keep_checkpoints)
-        self.acc.wait_for_everyone()
-        del full
-
-    # .................................................................. main loop
-    def run(self, stop_at_step: int | None = None) -> dict:
-        """Train to ``train.max_steps`` (or stop after ``stop_at_step`` optimizer steps, for tests
-        and time-limited jobs; the last state is checkpointed). Returns a summary dict."""
-        from tqdm.auto import tqdm
-
-        from ..io import load_model
-
-        self._setup()
-        cfg, acc = self.cfg, self.acc
-        self.births = self.stage_scales = self._birth_scale_cache = self.fade = None
-        self.history: list[dict] = []
-        self.bad = 0
-        self.last_ckpt = None
+    def _restore_or_init(self) -> Path | None:
+        """Continue from the newest checkpoint (``--resume``) or build the stage-0 model; returns the
+        checkpoint resumed from (None for a fresh start)."""
         resumed = ckpt.latest_checkpoint(self.out) if self.resume else None
         if self.resume and resumed is None:
             logger.warning("--resume: no checkpoint in %s, starting from the beginning", self.out)
-        wall0 = 0.0
         if resumed is not None:
             c = ckpt.load_checkpoint(resumed)
-            s = c.state
-            self.step, self.stage, self.tokens, self.flops = s["step"], s["stage"], s["tokens"], s["flops"]
-            self.bad, self.history, wall0 = s["bad_batches"], s["history"], s["wall_s"]
-            self.births, self.stage_scales, self.last_ckpt = c.births, c.scales, str(resumed)
-            model = load_model(str(resumed / "model"), task=cfg.model.task)
-            self._build(model, c.moments, s["opt_step"])
-            st = cfg.stages[self.stage - 1] if self.stage > 0 else None
-            if st is not None and st.lr_scales is not None and self.lr_scales is not None:
-                self._birth_scale_cache = self.lr_scales.compute_lr_scales(
-                    model, self.births, mode=st.lr_scales.mode, clamp=tuple(st.lr_scales.clamp), group=st.lr_scales.group)
-            if st is not None and self.history:
-                self._start_fade(st, self.history[-1].get("new_layer_positions") or [], self.step - st.start_step)
-            if c.rng:
-                ckpt.set_rng_state(c.rng[min(acc.process_index, len(c.rng) - 1)])
-            logger.info("resumed from %s at step %d (stage %d)", resumed, self.step, self.stage)
+            # the RNG streams are restored here, before the rebuild: building the model, the optimizer
+            # and the engine draws no random numbers (tests/test_resume.py: bit-identical with dropout)
+            self.state.load_state_dict(c.train_state(self.acc.process_index))
+            self.last_ckpt = str(resumed)
+            model = load_model(str(resumed / "model"), task=self.cfg.model.task)
+            self._build(model, c.moments, c.state["opt_step"])
+            self._enter_stage(model)
+            logger.info("resumed from %s at step %d (stage %d)", resumed, self.state.step, self.state.stage)
         else:
-            self.step = self.stage = self.tokens = 0
-            self.flops = 0.0
-            from accelerate.utils import set_seed
-
-            set_seed(cfg.seed)
-            model = build_initial_model(cfg, self.data.tokenizer)
-            if self.lr_scales is not None:
-                self.births = self.lr_scales.update_birth_stages(None, model, None, 0)
+            set_seed(self.cfg.seed)
+            model = build_initial_model(self.cfg, self.data.tokenizer)
+            self.state.births = update_birth_stages(None, model, None, 0)
             self._build(model, None, 0)
-        t_start = time.perf_counter()
-        self.wall = lambda: wall0 + (time.perf_counter() - t_start)
+        self.state.start_clock()
+        return resumed
 
+    def _make_loaders(self) -> Iterator[dict]:
+        """Prepare the training loader from the data position on, and the held-out one; returns the
+        iterator over training micro-batches."""
+        cfg, acc = self.cfg, self.acc
         B = cfg.train.batch_size
-        loader = torch.utils.data.DataLoader(self.data.train_stream(self.step * B, (cfg.train.max_steps - self.step) * B),
+        loader = torch.utils.data.DataLoader(self.data.train_stream(self.state.samples, (cfg.train.max_steps - self.state.step) * B),
                                              batch_size=self.micro_global, shuffle=False,
                                              generator=torch.Generator().manual_seed(cfg.seed))
         self.train_dl = acc.prepare(loader)
-        self.val_dl = None
         if cfg.train.eval_interval:
             n_val = min(cfg.train.eval_batches, len(self.data.val_blocks) // self.micro_global) * self.micro_global
             if n_val == 0:
@@ -389,10 +386,16 @@ class ProgressiveTrainer:
                                              batch_size=self.micro_global, shuffle=False,
                                              generator=torch.Generator().manual_seed(cfg.seed))
             self.val_dl = acc.prepare(vl)
+        return iter(self.train_dl)
+
+    def _open_logs(self, resumed: Path | None) -> None:
+        """metrics.jsonl (cut back to the checkpoint when resuming), run_info.json, trackers; the start
+        row and, on a fresh start, the stage-0 evaluation."""
+        cfg, acc, state = self.cfg, self.acc, self.state
         if acc.is_main_process:
-            self.metrics = MetricsLog(self.out / "metrics.jsonl", truncate_after_step=self.step if resumed else None,
-                                     growth_done=bool(resumed) and self.stage == cfg.stage_at(self.step))
-            info = {"world_size": self.world, "engine": self.engine, "device": str(acc.device),
+            self.metrics = MetricsLog(self.out / "metrics.jsonl", truncate_after_step=state.step if resumed else None,
+                                      growth_done=bool(resumed) and state.stage == cfg.stage_at(state.step))
+            info = {"world_size": self.world, "engine": self.engine.kind, "device": str(acc.device),
                     "mixed_precision": str(acc.mixed_precision), "micro_batch_per_process": self.micro,
                     "config": cfg.to_dict(), "config_file": cfg.source, "resumed_from": str(resumed) if resumed else None}
             tmp = self.out / "run_info.json.tmp"
@@ -400,118 +403,173 @@ class ProgressiveTrainer:
             os.replace(tmp, self.out / "run_info.json")
         if cfg.train.trackers:
             acc.init_trackers("progtrain", config={"max_steps": cfg.train.max_steps, "lr": cfg.optim.lr,
-                                                   "batch_size": B, "seq_len": cfg.data.seq_len})
-        self._log(event="start", world_size=self.world, engine=self.engine, params=self.n_params, resumed=bool(resumed))
+                                                   "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len})
+        self._log(event="start", world_size=self.world, engine=self.engine.kind, params=self.n_params,
+                  resumed=bool(resumed))
         if resumed is None and self.val_dl is not None:
             self._log(event="eval", val_loss=self._eval())
 
-        starts = cfg.stage_starts()
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train",
-                   dynamic_ncols=True)
-        it = iter(self.train_dl)
-        stop = cfg.train.max_steps if stop_at_step is None else min(stop_at_step, cfg.train.max_steps)
-        tps = cfg.tokens_per_step
-        while self.step < stop:
-            nxt = self.stage + 1
-            if nxt < len(starts) and self.step == starts[nxt]:
-                self._grow(nxt)
-            if self.fade is not None:
-                self.fade.set_step(self.step - cfg.stages[self.stage - 1].start_step)
-                self.fade = self.fade if self.fade.active else None
-            scaler = self._scaler()
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            skipped = False
-            for _ in range(cfg.train.grad_accum):
-                batch = next(it)
-                with acc.accumulate(self.model):
-                    out = self.model(**batch)
-                    loss = out.loss
-                    finite = torch.isfinite(loss.detach()).float()
-                    finite = acc.reduce(finite, reduction="sum") if self.world > 1 else finite
-                    if float(finite) < self.world:
-                        skipped = True
-                    if not skipped:
-                        if scaler is not None and self.engine.startswith("zero") and acc.sync_gradients:
-                            scaler.snapshot()  # DeepSpeed runs its optimizer step inside backward
-                        acc.backward(loss)
-                        loss_sum += loss.detach().double().cpu()
-                    if acc.sync_gradients and not skipped:
-                        if cfg.optim.max_grad_norm:
-                            acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
-                        if scaler is not None and self.engine.startswith("zero"):
-                            self.opt.step()  # a no-op wrapper: the step already ran in backward
-                            scaler.apply()
-                        else:
-                            (scaler or self.opt).step()
-                    self.opt.zero_grad(set_to_none=True)
-            if skipped:
-                self.bad += 1
-                msg = (f"non-finite loss at step {self.step + 1} (stage {self.stage}"
-                       f"{' ' + cfg.stages[self.stage - 1].name if self.stage else ''}); last good checkpoint: "
-                       f"{self.last_ckpt or 'none'}")
-                if self.bad > cfg.train.max_bad_batches:
-                    bar.close()
-                    raise TrainingDiverged(msg + f". Lower optim.lr or raise optim.warmup_steps, then resume from "
-                                                 f"that checkpoint (--resume), or allow skips with train.max_bad_batches")
-                logger.warning("%s: batch skipped (%d of %d allowed)", msg, self.bad, cfg.train.max_bad_batches)
-            self.step += 1
-            self.sched.step()
-            self.tokens += tps
-            self.flops += self.flops_tok * tps
-            train_loss = float(loss_sum) / cfg.train.grad_accum
-            if self.world > 1:
-                train_loss = float(acc.reduce(torch.tensor(train_loss, device=acc.device), reduction="mean"))
-            bar.update(1)
-            if self.step % cfg.train.log_interval == 0 or self.step == stop:
-                bar.set_postfix(loss=f"{train_loss:.4f}", stage=self.stage, refresh=False)
-                self._log(event="train", train_loss=None if skipped else train_loss, lr=self.opt.param_groups[0]["lr"])
-            if self.val_dl is not None and cfg.train.eval_interval and (
-                    self.step % cfg.train.eval_interval == 0 or self.step == cfg.train.max_steps):
-                self._log(event="eval", val_loss=self._eval())
-            if (cfg.train.checkpoint_interval and self.step % cfg.train.checkpoint_interval == 0) or (
-                    self.step == stop and stop < cfg.train.max_steps):
-                self._checkpoint()
-        bar.close()
-        if self.step < cfg.train.max_steps:
-            return {"stopped_at": self.step, "checkpoint": self.last_ckpt}
-        return self._finish()
+    # .................................................................. model state
+    def _build(self, model: PreTrainedModel, moments: dict | None, opt_step: int) -> None:
+        """Optimizer + scheduler for ``model``, prepared; moments loaded when given."""
+        cfg = self.cfg
+        model.train()
+        self.flops_tok = flops_per_token(model, cfg.data.seq_len)
+        self.n_params = total_params(model)
+        opt = make_optimizer(model, cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: lr_factor(cfg, self.state.step))
+        self.engine.prepare(model, opt, sched, micro_batch_size=self.micro)
+        if moments is not None:
+            self.engine.load_moments(moments, opt_step)
+
+    def _stage_config(self) -> StageConfig | None:
+        return self.cfg.stages[self.state.stage - 1] if self.state.stage > 0 else None
+
+    def _enter_stage(self, model: PreTrainedModel) -> None:
+        """What a stage adds to the plain model, from the state: the birth-stage LR scales (computed
+        from ``model`` when the state has none: at the growth, or resuming from an older checkpoint)
+        and the fade-in of its new blocks (``state.step - start_step`` steps in)."""
+        st, state = self._stage_config(), self.state
+        if st is None:
+            return
+        if st.lr_scales is not None and state.lr_scales is None and state.births is not None:
+            state.lr_scales = compute_lr_scales(model, state.births, mode=st.lr_scales.mode,
+                                                clamp=tuple(st.lr_scales.clamp), group=st.lr_scales.group)
+        since = state.step - st.start_step
+        positions = (state.history[-1].get("new_layer_positions") or []) if state.history else []
+        self.fade = None
+        if st.fade_in_steps and positions and since < st.fade_in_steps:
+            self.fade = LayerFade(self.acc.unwrap_model(self.engine.model), positions, st.fade_in_steps)
+            self.fade.set_step(since)
+
+    def _advance_fade(self) -> None:
+        """Set the fade-in mask for this step; drop the fade once it is complete."""
+        if self.fade is not None:
+            self.fade.set_step(self.state.step - self._stage_config().start_step)
+            self.fade = self.fade if self.fade.active else None
+
+    def _update_scales(self) -> dict[str, torch.Tensor] | None:
+        """Per-element update multipliers for this step (None: every element takes the plain AdamW
+        update): ``match_dynamics`` scales x birth-stage LR scales x the born elements' warm-up ramp."""
+        st, state = self._stage_config(), self.state
+        if st is None:
+            return None
+        base = dict(state.scales) if state.scales is not None else None
+        if st.lr_scales is not None and state.births is not None:
+            full = state.lr_scales
+            base = full if base is None else {n: base[n] * full[n] for n in base}
+        since = state.step - st.start_step
+        if st.born_warmup_steps and since < st.born_warmup_steps and state.births is not None:
+            ramp = since / st.born_warmup_steps
+            base = base or {n: torch.ones_like(b, dtype=torch.float32) for n, b in state.births.items()}
+            base = {n: torch.where(state.births[n] == state.stage, base[n] * ramp, base[n]) for n in base}
+        return base
+
+    # .................................................................. growth
+    def _grow(self, idx: int) -> None:
+        """Stage boundary: grow the model to stage ``idx``, carry the optimizer state over, rebuild
+        the engine, log the growth and checkpoint the grown state."""
+        cfg, state = self.cfg, self.state
+        st = cfg.stages[idx - 1]
+        before = self._eval() if self.val_dl is not None else None
+        t0 = time.perf_counter()
+        full = self.engine.gather_full_state()
+        res = self._grow_model(full.model, st, idx)
+        moments = grow_moments(full.moments, res.param_maps, factors=True)
+        old_shapes = {n: tuple(p.shape) for n, p in full.model.named_parameters()}
+        state.births = update_birth_stages(state.births, res.model, res.param_maps, idx)
+        state.scales = update_scales(res.param_maps, old_shapes, born_scale=1.0) if st.match_dynamics else None
+        state.lr_scales = None
+        state.history.append(dict(res.record, stage=idx, stage_name=st.name, step=state.step))
+        grown = FullState(self.engine.keep_for_save(res.model), moments, full.step)
+        del full
+        self.engine.release()
+        state.stage = idx
+        self._build(res.model, moments, grown.step)
+        self._enter_stage(res.model)
+        growth_s = time.perf_counter() - t0  # gather, grow, optimizer surgery, rebuild; not the two evaluations
+        after = self._eval() if self.val_dl is not None else None
+        self._log(event="growth", name=st.name, val_loss_before=before, val_loss_after=after, exact=res.exact,
+                  params=self.n_params, sizes=res.target_sizes.as_dict(), deviation=(res.deviation or {}).get("rel"),
+                  growth_s=round(growth_s, 4))
+        if before is not None:
+            logger.info("growth to stage %d (%s) at step %d: val loss %.6f -> %.6f", idx, st.name, state.step, before, after)
+        self._checkpoint(boundary=True, full=grown)
+
+    def _grow_model(self, model: PreTrainedModel, st: StageConfig, idx: int) -> Any:
+        """``progtrain.grow`` of the gathered model as stage ``idx`` asks (same result on every rank)."""
+        cfg = self.cfg
+        strategy = get_strategy(st.init, **(st.init_kwargs or {}))
+        data = None
+        if strategy.needs_data:
+            data = self.data.calibration_batches(st.calib_batches, self.micro_global, self.state.step * cfg.train.batch_size)
+        seed = cfg.seed + idx if st.seed is None else st.seed
+        return grow(model, GrowthSpec.from_dict(dict(st.grow)), init=strategy, seed=seed, data=data)
+
+    # .................................................................. helpers
+    def _eval(self) -> float:
+        return evaluate(self.engine.model, self.val_dl, self.cfg.model.task == "causal_lm", reduce=self.acc.reduce)
+
+    def _log(self, **row: Any) -> None:
+        state = self.state
+        row.setdefault("step", state.step)
+        row.setdefault("stage", state.stage)
+        row.setdefault("tokens", state.tokens)
+        row.setdefault("flops", state.flops)
+        row.setdefault("wall_s", round(state.elapsed(), 3))
+        if self.acc.is_main_process:
+            line = self.metrics.write(**row)
+            if self.cfg.train.trackers:
+                self.acc.log({k: v for k, v in line.items() if isinstance(v, (int, float)) and v is not None},
+                             step=state.step)
+
+    def _checkpoint(self, boundary: bool = False, full: FullState | None = None) -> None:
+        """Checkpoint the run: ``full`` (a stage boundary's grown state) or the engine's state gathered
+        now (collective), with the :class:`TrainState` and every rank's RNG streams."""
+        full = full if full is not None else self.engine.gather_full_state()
+        sd = self.state.state_dict()
+        rng = gather_object([sd.pop("rng")])
+        if self.acc.is_main_process:
+            state = {**sd, "boundary": boundary, "world_size": self.world, "engine": self.engine.kind}
+            path = ckpt.save_checkpoint(self.out, model=full.model, moments=full.moments, opt_step=full.step,
+                                        state=state, rng=rng)
+            self.last_ckpt = str(path)
+            ckpt.prune_checkpoints(self.out, self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        del full
 
     # .................................................................. outputs
     def _finish(self) -> dict:
-        from ..io import save_checkpoint
-
-        cfg, acc = self.cfg, self.acc
-        full = self.D.full_model_for_save(acc, self.model)
-        summary: dict = {"output_dir": str(self.out), "world_size": self.world, "engine": self.engine}
+        """The final model (with card, metrics and plot), the run's README.md and stage table; the Hub
+        push when the config asks for one. Returns the run's summary."""
+        cfg, acc, state = self.cfg, self.acc, self.state
+        full = self.engine.full_model_for_save()
+        summary: dict = {"output_dir": str(self.out), "world_size": self.world, "engine": self.engine.kind}
         if acc.is_main_process:
             self._log(event="end")
             metrics = read_metrics(self.out / "metrics.jsonl")
             plot_loss_vs_flops(metrics, self.out / "loss_vs_flops.png")
-            infos = self._stage_info()
-            rows = stage_rows(metrics, infos)
+            rows = stage_rows(metrics, self._stage_info())
             evals = [m["val_loss"] for m in metrics if m["event"] == "eval" and m.get("val_loss") is not None]
             final = {"val_loss": evals[-1] if evals else None, "perplexity": perplexity(evals[-1] if evals else None),
-                     "tokens": self.tokens, "flops": self.flops, "steps": self.step, "wall_s": round(self.wall(), 1)}
-            card = model_card(full.config, self.history, rows, final, self.data.source, cfg)
+                     "tokens": state.tokens, "flops": state.flops, "steps": state.step, "wall_s": round(state.elapsed(), 1)}
+            card = model_card(full.config, state.history, rows, final, self.data.source, cfg)
             # the final dir carries the run's metrics and plot too, so it is complete for the Hub
             extra = {"README.md": card, "metrics.jsonl": (self.out / "metrics.jsonl").read_text()}
             # a run started from a checkpoint keeps its other files (generation settings travel with
             # the model object; sentence-transformers modules, custom code, ... are carried here)
-            save_checkpoint(full, self.out / "final", tokenizer=self.data.tokenizer, history=self.history,
+            save_checkpoint(full, self.out / "final", tokenizer=self.data.tokenizer, history=state.history,
                             extra_files=extra, overwrite=True, carry_from=cfg.model.checkpoint)
             if (self.out / "loss_vs_flops.png").exists():
                 shutil.copyfile(self.out / "loss_vs_flops.png", self.out / "final" / "loss_vs_flops.png")
             tmp = self.out / "README.md.tmp"
             tmp.write_text(card)
             os.replace(tmp, self.out / "README.md")
-            table = format_stage_table(rows)
-            print("\n" + table)
+            print("\n" + format_stage_table(rows))
             print(f"\nfinal validation loss {final['val_loss']}, perplexity {final['perplexity']}; "
-                  f"{self.tokens:,} tokens, {self.flops:.3e} FLOPs, {final['wall_s']} s; model in {self.out / 'final'}")
+                  f"{state.tokens:,} tokens, {state.flops:.3e} FLOPs, {final['wall_s']} s; model in {self.out / 'final'}")
             summary.update(final=final, stages=rows, model_dir=str(self.out / "final"))
             if cfg.push_to_hub is not None:
-                from ..hub import push_to_hub
-
                 p = cfg.push_to_hub
                 summary["pushed"] = push_to_hub(self.out / "final", p.repo_id, private=p.private,
                                                 revision=p.revision, commit_message=p.commit_message)
@@ -522,9 +580,6 @@ class ProgressiveTrainer:
         return summary
 
     def _stage_info(self) -> list[dict]:
-        from ..arch import get_adapter
-        from .flops import meta_model, stage_configs
-
         confs = stage_configs(self.cfg, self.data.tokenizer and len(self.data.tokenizer))
         out = []
         for i, c in enumerate(confs):

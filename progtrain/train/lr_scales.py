@@ -22,12 +22,12 @@ change when a gradient is multiplied by a constant, so per-element learning rate
 gradient scales. :class:`UpdateScaler` runs the optimizer's own step and then moves every element
 only ``s`` times as far: ``p <- p_before + s * (p_after - p_before)``. This works for any optimizer
 (AdamW, SGD with or without momentum; decoupled weight decay is part of the update and is scaled
-too). Under DDP the wrapper acts on the local, replicated parameters (every rank applies the same
-scales to the same update, so replicas stay identical). Under DeepSpeed ZeRO-1/2 the optimizer
-updates fp32 flat partitions, not the module's parameters: pass ``get_param`` / ``set_param``
-(``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_set_full_fp32_param``) so the scaler reads and
-writes the optimizer's fp32 copy of each parameter (:func:`zero_param_hooks` returns such a pair that
-also refreshes the module's own copy).
+too). Under data parallelism the wrapper acts on the local, replicated parameters (every rank
+applies the same scales to the same update, so replicas stay identical). An engine whose optimizer
+updates its own fp32 copies rather than the module's parameters passes ``get_param`` / ``set_param``
+that read and write those copies, and an engine that steps inside ``backward`` calls
+:meth:`UpdateScaler.snapshot` before it and :meth:`UpdateScaler.apply` after it: both live in
+:class:`progtrain.train.distributed.Engine`, the one place that knows the engines.
 """
 
 from __future__ import annotations
@@ -190,38 +190,6 @@ def compute_lr_scales(
     return scales
 
 
-def zero_param_hooks() -> tuple[Callable[[torch.nn.Parameter], torch.Tensor], Callable[[torch.nn.Parameter, torch.Tensor], None]]:
-    """``(get_param, set_param)`` for :class:`UpdateScaler` under DeepSpeed ZeRO-1/2.
-
-    ``get_param`` returns the optimizer's full fp32 copy of a parameter
-    (``deepspeed.utils.safe_get_full_fp32_param``; the module parameter itself when DeepSpeed keeps
-    none). ``set_param`` writes the scaled value into that fp32 copy
-    (``safe_set_full_fp32_param``) *and* into the module parameter: DeepSpeed copies the fp32
-    partitions to the module only inside its own step, so without the second write the next forward
-    would still see the unscaled update. ZeRO-1/2 keep full module parameters on every rank, which is
-    what makes the second write valid; ZeRO-3 partitions them and is refused.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
-    def _check(p: torch.nn.Parameter) -> None:
-        if hasattr(p, "ds_id"):
-            raise ProgtrainConfigError(
-                "per-element update scales are not supported under ZeRO-3 (partitioned parameters): use ZeRO-1/2 "
-                "or turn lr_scales / born_warmup_steps / match_dynamics off"
-            )
-
-    def get_param(p: torch.nn.Parameter) -> torch.Tensor:
-        _check(p)
-        full = safe_get_full_fp32_param(p)
-        return p.detach().float() if full is None else full
-
-    def set_param(p: torch.nn.Parameter, value: torch.Tensor) -> None:
-        safe_set_full_fp32_param(p, value)
-        p.data.copy_(value.to(device=p.device, dtype=p.dtype))
-
-    return get_param, set_param
-
-
 def _direct_get(p: torch.Tensor) -> torch.Tensor:
     return p.detach()
 
@@ -239,9 +207,9 @@ class UpdateScaler:
         scales: ``{name: per-element multiplier}`` (e.g. :func:`compute_lr_scales`); names missing
             here take the plain update; tensors that are all 1.0 are skipped (no copy kept).
         get_param: returns the full value the optimizer updates for a parameter (default: the
-            parameter itself), e.g. ``deepspeed.utils.safe_get_full_fp32_param``.
-        set_param: writes a full value back (default: ``p.data.copy_``). Under DeepSpeed ZeRO-1/2 pass
-            the pair from :func:`zero_param_hooks`.
+            parameter itself).
+        set_param: writes a full value back (default: ``p.data.copy_``).
+            :meth:`progtrain.train.distributed.Engine.update_scaler` passes the pair its engine needs.
 
     Raises:
         ProgtrainConfigError: a scale for a name not in ``named_params`` or with another shape.
@@ -286,8 +254,8 @@ class UpdateScaler:
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        """Record the scaled parameters' values before an update made elsewhere (DeepSpeed steps its
-        optimizer inside ``backward``: snapshot before it, :meth:`apply` after it)."""
+        """Record the scaled parameters' values before an update made elsewhere (an engine that steps
+        its optimizer inside ``backward``: snapshot before it, :meth:`apply` after it)."""
         self._before = [self.get_param(p).detach().clone() for _, p, _ in self._items]
 
     @torch.no_grad()
