@@ -4,7 +4,7 @@ and hub datasets, read as one ordered stream of documents with bounded memory.
 Inputs (``data.files`` or ``data.dataset``):
 
 * text files (any extension when named explicitly; ``.txt``/``.text``/``.md`` inside a directory),
-  directories (recursive, sorted, hidden entries skipped) and globs (``**`` recursive);
+  directories (recursive, in path order, hidden entries skipped) and globs (``**`` recursive);
 * ``.jsonl``/``.json``/``.parquet``/``.csv`` (``.gz``/``.bz2``/``.xz``/``.zst`` compressed JSON/CSV
   too) whose ``data.text_column`` (default ``text``) holds the documents, read with the ``datasets``
   json/parquet/csv builders in streaming mode (row groups / lines at a time, never the whole file);
@@ -93,7 +93,7 @@ def _dir_sources(root: Path) -> list[Source]:
             p = str(d / f)
             if _table_kind(p) or f.lower().endswith(DIR_TEXT_EXT):
                 out.append(_file_source(p))
-    return out
+    return sorted(out, key=lambda s: s.path)  # the order a recursive glob gives
 
 
 def resolve_sources(entries: list[str] | str) -> list[Source]:
