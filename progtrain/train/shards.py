@@ -132,7 +132,8 @@ def _describe_change(old: dict, new: dict) -> str:
     if added:
         return f"source {added[0]} is new" + (f" (and {len(added) - 1} more)" if len(added) > 1 else "")
     if gone:
-        return f"source {gone[0]} is no longer in the config or on disk" + (f" (and {len(gone) - 1} more)" if len(gone) > 1 else "")
+        more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+        return f"source {gone[0]} is no longer in the config or on disk{more}"
     for k, s in sn.items():
         if so[k] != s:
             if s.get("size") != so[k].get("size"):
@@ -284,13 +285,14 @@ def prepare(cfg: Any, run_dir: str | os.PathLike | None = None, overwrite: bool 
         cache = tmp / ".cache"
         fp = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
         if dcfg.streaming:
-            docs = datasets.IterableDataset.from_generator(_records, features=features,
-                                                           gen_kwargs={"data_cfg": dcfg, "sources": tuple(sources)})  # a list would be sharded
+            gen_kwargs = {"data_cfg": dcfg, "sources": tuple(sources)}  # a list would be sharded into pieces
+            docs = datasets.IterableDataset.from_generator(_records, features=features, gen_kwargs=gen_kwargs)
             tokens = docs.map(encode, batched=True, batch_size=256, remove_columns=["text"])
             total = None
         else:
+            gen_kwargs = {"data_cfg": dcfg, "sources": tuple(sources)}  # a list would be sharded into pieces
             docs = datasets.Dataset.from_generator(_records, features=features, cache_dir=str(cache), fingerprint=fp,
-                                                   gen_kwargs={"data_cfg": dcfg, "sources": tuple(sources)})  # a list would be sharded
+                                                   gen_kwargs=gen_kwargs)
             n_chars = _arrow_chars(docs)
             num_proc = dcfg.num_proc or _auto_num_proc(n_chars)
             logger.info("tokenising %d documents (%d characters) in %d process(es)", len(docs), n_chars, num_proc)
