@@ -340,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMAND_MODULES: list[str] = [
     "progtrain.train.commands",  # train, plan
     "progtrain.hub",  # push
+    "progtrain.train.data_commands",  # data prepare
 ]
 
 

