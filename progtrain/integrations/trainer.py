@@ -68,7 +68,6 @@ attention kernel it had). No private ``Trainer`` method or attribute is used.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import itertools
 import logging
