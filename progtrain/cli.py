@@ -88,7 +88,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
     adapter = get_adapter(config)
     spec.resolve(adapter.read_sizes(config), adapter)
     strategy = get_strategy(args.init, **dict(args.init_option or []))
-    model = load_model(args.src, task=args.task)
+    model = load_model(args.src, task=args.task)  # in the dtype it was saved in
     tokenizer = load_tokenizer(args.src)
     data = None
     if strategy.needs_data:
@@ -96,7 +96,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
 
         data = calibration_batches(model, tokenizer, args.data, n_batches=args.calib_batches, seed=args.seed)
     model.eval()
-    res = grow(model, spec, init=strategy, seed=args.seed, data=data)
+    res = grow(model, spec, init=strategy, seed=args.seed, data=data, dtype=args.dtype)
     history = read_growth_history(args.src) + [dict(res.record, source_path=str(args.src))]
     from .card import render_model_card
 
@@ -115,6 +115,9 @@ def cmd_grow(args: argparse.Namespace) -> int:
         f"\nmax |delta {dev['kind']}| = {dev['max_abs']:.3e}  ({dev['rel']:.3e} of max |{dev['kind']}| "
         f"= {dev['max_ref']:.3g}) on {dev['batch']}x{dev['seq_len']} random tokens: {status}"
     )
+    d_src, d_out = dev["dtypes"]
+    print(f"dtype: {d_src} -> {d_out}   tolerance: {dev['tolerance']:.3g} relative (weights as stored, "
+          f"outputs computed in float32)")
     print(f"init: {strategy.name}   seed: {args.seed}   time: {res.record['seconds']:.1f} s")
     print(f"saved to {out}")
     return 0
@@ -125,10 +128,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import torch
 
     from .io import load_model, load_tokenizer, read_growth_history
-    from .verify import compare_outputs, random_inputs
+    from .verify import compare_outputs, model_dtype, random_inputs, tolerance_for
 
-    a = load_model(args.src)
+    a = load_model(args.src)  # each as stored; evaluated in fp32 below
     b = load_model(args.out)
+    dtypes = (model_dtype(a), model_dtype(b))
+    tolerance = tolerance_for(*dtypes) if args.tolerance is None else args.tolerance
     tok = load_tokenizer(args.src)
     mask = None
     if tok is not None and not args.random:
@@ -147,19 +152,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if hist and hist[-1].get("hidden_index_map"):
         hidden_src = hist[-1]["hidden_index_map"]
     with torch.no_grad():
-        res = compare_outputs(a, b, ids, attention_mask=mask, hidden_src=hidden_src)
-    ok = res["rel"] <= args.tolerance
+        res = compare_outputs(a, b, ids, attention_mask=mask, hidden_src=hidden_src, compute_dtype=torch.float32)
+    res.update(dtypes=[str(d).removeprefix("torch.") for d in dtypes], tolerance=tolerance)
+    ok = res["rel"] <= tolerance
     print(f"compared {res['kind']} on {source}")
+    print(f"weights stored as {res['dtypes'][0]} (SRC) and {res['dtypes'][1]} (OUT), outputs computed in float32")
     print(f"max |delta| = {res['max_abs']:.3e}   max |{res['kind']}| = {res['max_ref']:.4g}   relative = {res['rel']:.3e}")
     if "min_cosine_mean_pooled" in res:
         print(f"min cosine similarity of mean-pooled embeddings = {res['min_cosine_mean_pooled']:.8f}")
-    print(f"{'PASS' if ok else 'FAIL'}: relative deviation {'<=' if ok else '>'} tolerance {args.tolerance:g}")
+    print(f"{'PASS' if ok else 'FAIL'}: relative deviation {'<=' if ok else '>'} tolerance {tolerance:g}")
     if args.json:
         print(json.dumps(res))
     return 0 if ok else 1
 
 
 # ---------------------------------------------------------------------- parser
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # progtrain.io.DTYPE_CHOICES (not imported: torch)
+TOLERANCE_TEXT = "1e-5 relative for float32, 1.56e-2 (2 eps) for bfloat16, 1.95e-3 (2 eps) for float16"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="progtrain",
@@ -199,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help="text file for data-driven init strategies (default: the embedded corpus or random tokens)")
     g.add_argument("--calib-batches", type=int, default=4, help="batches of calibration data for data-driven strategies")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="dtype of the grown checkpoint: auto (default) keeps SRC's, per tensor; float32, bfloat16 or float16 "
+        "converts. The growth runs in fp32 and is rounded once; it is reported exact when max |delta| of the "
+        "outputs (computed in fp32 from the weights as stored) is within " + TOLERANCE_TEXT,
+    )
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     g.set_defaults(func=cmd_grow)
 
@@ -207,14 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="check that a grown checkpoint computes the same function as its source",
         description="Load SRC and OUT with plain transformers, feed both the same inputs (sentences tokenised with "
         "SRC's tokenizer when it has one, else random tokens) and print max |delta logits| absolute and relative "
-        "to max |logits|. Headless models compare last hidden states folded back to the source width. "
-        "Exit 0 within --tolerance, 1 otherwise.",
+        "to max |logits|. Headless models compare last hidden states folded back to the source width. Both "
+        "models are loaded in the dtype they were saved in and evaluated in fp32, so half-precision weights "
+        "are judged without run-time rounding. Exit 0 within --tolerance, 1 otherwise.",
     )
     v.add_argument("src")
     v.add_argument("out")
     v.add_argument("--batch", type=int, default=4)
     v.add_argument("--seq-len", type=int, default=32)
-    v.add_argument("--tolerance", type=float, default=1e-5, help="max relative deviation (default 1e-5, fp32)")
+    v.add_argument(
+        "--tolerance",
+        type=float,
+        help="max relative deviation (default: by the coarser of the two stored dtypes, " + TOLERANCE_TEXT + ")",
+    )
     v.add_argument("--text", help="file with one sentence per line to tokenise")
     v.add_argument("--random", action="store_true", help="use random token ids even if a tokenizer exists")
     v.add_argument("--seed", type=int, default=0)

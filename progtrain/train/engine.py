@@ -74,7 +74,8 @@ def build_initial_model(cfg: RunConfig, tokenizer: Any) -> PreTrainedModel:
     from .config import initial_hf_config
 
     if cfg.model.checkpoint:
-        return load_model(cfg.model.checkpoint, task=cfg.model.task)
+        # fp32 master weights whatever the checkpoint's dtype (mixed precision runs autocast on top)
+        return load_model(cfg.model.checkpoint, task=cfg.model.task, dtype="float32")
     hf = initial_hf_config(cfg)
     hf.vocab_size = len(tokenizer)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
@@ -339,7 +340,7 @@ class ProgressiveTrainer:
             self.step, self.stage, self.tokens, self.flops = s["step"], s["stage"], s["tokens"], s["flops"]
             self.bad, self.history, wall0 = s["bad_batches"], s["history"], s["wall_s"]
             self.births, self.stage_scales, self.last_ckpt = c.births, c.scales, str(resumed)
-            model = load_model(str(resumed / "model"), task=cfg.model.task)
+            model = load_model(str(resumed / "model"), task=cfg.model.task, dtype="float32")
             self._build(model, c.moments, s["opt_step"])
             st = cfg.stages[self.stage - 1] if self.stage > 0 else None
             if st is not None and st.lr_scales is not None and self.lr_scales is not None:
