@@ -60,4 +60,25 @@ def baked_copy(model: torch.nn.Module) -> torch.nn.Module:
     left = [n for n, p in plain.named_parameters() if p.is_meta]
     if left:
         raise RuntimeError(f"baking left parameters unset: {left}")
-    return plain.to(next(iter(values.values())).dtype).train(model.training)
+    copy_buffers(plain, model)
+    return plain.train(model.training)
+
+
+def copy_buffers(target: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Give every buffer of ``target`` the value and dtype of ``source``'s buffer of the same name
+    (buffers ``source`` lacks are left alone). Per buffer, not a blanket cast: transformers keeps
+    some buffers (e.g. rotary ``inv_freq``) in fp32 in a bf16 model, and a model moved with
+    ``.to(dtype)`` has them in that dtype."""
+    src = dict(source.named_buffers())
+    for name, buf in list(target.named_buffers()):
+        other = src.get(name)
+        if other is None or other.shape != buf.shape:
+            continue
+        set_buffer(target, name, other.detach().clone())
+
+
+def set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace buffer ``name`` (dotted path) of ``model`` by ``value``, keeping its persistence."""
+    mod_name, _, buf_name = name.rpartition(".")
+    module = model.get_submodule(mod_name) if mod_name else model
+    module._buffers[buf_name] = value

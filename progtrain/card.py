@@ -323,9 +323,9 @@ def _growth_details(history: Sequence[dict]) -> list[str]:
         rel, tol = dev.get("rel"), dev.get("tolerance")
         notes = "; ".join(_cell(str(n)) for n in rec.get("notes") or [])
         if isinstance(rel, (int, float)) and not isinstance(rel, bool):
-            from .verify import DEFAULT_TOLERANCE
+            from .verify import tolerance_for
 
-            tol = float(tol) if isinstance(tol, (int, float)) else DEFAULT_TOLERANCE
+            tol = float(tol) if isinstance(tol, (int, float)) else tolerance_for()
             if rel <= tol:
                 parts.append(f"exact, function-preserving (relative deviation <= {tol:g})")
             else:

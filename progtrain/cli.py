@@ -95,7 +95,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
     strategy = get_strategy(args.init, **dict(args.init_option or []))
     if args.calib_batches < 1:
         raise ProgtrainConfigError(f"--calib-batches must be at least 1, got {args.calib_batches}")
-    model = load_model(args.src, task=args.task)
+    model = load_model(args.src, task=args.task)  # in the dtype it was saved in
     tokenizer = load_tokenizer(args.src)
     data = None
     if strategy.needs_data:
@@ -119,7 +119,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
                 )
         data = calibration_batches(model, calib_tok, args.data, n_batches=args.calib_batches, seed=args.seed)
     model.eval()
-    res = grow(model, spec, init=strategy, seed=args.seed, data=data)
+    res = grow(model, spec, init=strategy, seed=args.seed, data=data, dtype=args.dtype)
     history = read_growth_history(args.src) + [dict(res.record, source_path=str(args.src))]
     from .card import license_of, render_model_card
     from .carry import plan_carry
@@ -140,6 +140,8 @@ def cmd_grow(args: argparse.Namespace) -> int:
     rows.append(("parameters", f"{res.record['params_before']:,}", f"{res.record['params_after']:,}"))
     print(_table(rows))
     print("\n" + _growth_status(res.deviation, res.exact, res.notes))
+    d_src, d_out = res.deviation["dtypes"]
+    print(f"dtype: {d_src} -> {d_out}   (weights as stored, outputs computed in float32)")
     print(f"init: {strategy.name}   seed: {args.seed}   time: {res.record['seconds']:.1f} s")
     _print_carry(plan, args.src, local)
     print(f"saved to {out}")
@@ -188,7 +190,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .io import load_model, load_tokenizer, read_growth_history
     from .verify import measure_deviation
 
-    a = load_model(args.src)
+    a = load_model(args.src)  # each as stored; evaluated in fp32 by measure_deviation
     b = load_model(args.out)
     tok = load_tokenizer(args.src)
     ids = mask = None
@@ -222,6 +224,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ok = res["within_tolerance"]
     tol = res["tolerance"]
     print(f"compared {res['kind']} on {source}")
+    print(f"weights stored as {res['dtypes'][0]} (SRC) and {res['dtypes'][1]} (OUT), outputs computed in float32")
     print(f"max |delta| = {res['max_abs']:.3e}   max |{res['kind']}| = {res['max_ref']:.4g}   relative = {res['rel']:.3e}")
     if "min_cosine_mean_pooled" in res:
         print(f"min cosine similarity of mean-pooled embeddings = {res['min_cosine_mean_pooled']:.8f}")
@@ -249,6 +252,10 @@ def _tokenise(tok: Any, texts: list[str], max_len: int, vocab: int) -> tuple[Any
 
 
 # ---------------------------------------------------------------------- parser
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # progtrain.io.DTYPE_CHOICES (not imported: torch)
+TOLERANCE_TEXT = "1e-5 relative for float32, 1.56e-2 (2 eps) for bfloat16, 1.95e-3 (2 eps) for float16"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="progtrain",
@@ -304,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--calib-batches", type=int, default=4, help="batches of calibration data for data-driven strategies")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="dtype of the grown checkpoint: auto (default) keeps SRC's, per tensor; float32, bfloat16 or float16 "
+        "converts. The growth runs in fp32 and is rounded once; it is reported exact when max |delta| of the "
+        "outputs (computed in fp32 from the weights as stored) is within " + TOLERANCE_TEXT,
+    )
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     g.set_defaults(func=cmd_grow)
 
@@ -312,16 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="check that a grown checkpoint computes the same function as its source",
         description="Load SRC and OUT with plain transformers, feed both the same inputs (sentences tokenised with "
         "SRC's tokenizer when it has one, else random tokens) and print max |delta logits| absolute and relative "
-        "to max |logits|. Headless models compare last hidden states folded back to the source width. "
-        "Exit 0 within --tolerance, 1 otherwise.",
+        "to max |logits|. Headless models compare last hidden states folded back to the source width. Both "
+        "models are loaded in the dtype they were saved in and evaluated in fp32, so half-precision weights "
+        "are judged without run-time rounding. Exit 0 within --tolerance, 1 otherwise.",
     )
     v.add_argument("src")
     v.add_argument("out")
     v.add_argument("--batch", type=int, default=4)
     v.add_argument("--seq-len", type=int, default=32)
     v.add_argument(
-        "--tolerance", type=float, default=None,
-        help="max relative deviation (default: the tolerance of the models' dtype, 1e-5 in fp32; the one grow uses)",
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max relative deviation (default: by the coarser of the two stored dtypes, " + TOLERANCE_TEXT + ")",
     )
     v.add_argument("--text", help="file with one sentence per line to tokenise")
     v.add_argument("--random", action="store_true", help="use random token ids even if a tokenizer exists")

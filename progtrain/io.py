@@ -7,10 +7,12 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 import transformers
 from transformers import AutoConfig, PreTrainedModel
 
@@ -30,6 +32,10 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     reader never sees a half-written checkpoint. With ``overwrite`` an existing ``final`` is
     replaced (moved aside first, deleted after the rename); without it an existing non-empty
     ``final`` is an error.
+
+    Everything in it gets the permissions the process umask gives a newly created file or
+    directory (see :func:`honour_umask`), although ``mkdtemp`` and safetensors create theirs 0700
+    and 0600.
     """
     final = Path(final)
     if final.exists() and any(final.iterdir()) and not overwrite:
@@ -39,6 +45,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     try:
         yield tmp
         _fsync_dir(tmp)
+        honour_umask(tmp)
         old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}"
@@ -49,6 +56,38 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (read from ``/proc/self/status`` where there is one, else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the mode a plain ``mkdir`` / ``open(..., "w")`` would
+    have given it under the current umask: directories ``0o777 & ~umask``, files ``0o666 & ~umask``
+    (``0o777 & ~umask`` for files that are executable by their owner). Temp-file-and-rename writers
+    (``tempfile.mkdtemp``: 0700, safetensors: 0600) otherwise leave outputs unreadable to a shared
+    cluster's group. Symbolic links are left alone."""
+    mask = current_umask()
+    root = Path(root)
+    paths = [root] + sorted(root.rglob("*")) if root.is_dir() else [root]
+    for p in paths:
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        full = 0o777 if stat.S_ISDIR(st.st_mode) or st.st_mode & stat.S_IXUSR else 0o666
+        want = full & ~mask
+        if stat.S_IMODE(st.st_mode) != want:
+            os.chmod(p, want)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -133,16 +172,41 @@ def model_class_for(config: Any, task: str | None = None) -> type[PreTrainedMode
     return auto._model_mapping[type(config)]
 
 
-def load_model(path: str, task: str | None = None, **kwargs: Any) -> PreTrainedModel:
-    """Load a checkpoint (local directory or hub id) with safetensors only, in fp32 by default."""
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``None`` for ``"auto"``/``None`` (keep the source's dtype), else the ``torch.dtype`` named by
+    ``dtype`` (one of :data:`DTYPE_CHOICES`). Raises ProgtrainConfigError for any other value."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name not in DTYPE_CHOICES:
+            raise ProgtrainConfigError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPE_CHOICES)}")
+        return getattr(torch, name)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ProgtrainConfigError(f"dtype {dtype} is not supported: use one of {', '.join(DTYPE_CHOICES)}")
+    return dtype
+
+
+def load_model(path: str, task: str | None = None, dtype: str | torch.dtype = "auto", **kwargs: Any) -> PreTrainedModel:
+    """Load a checkpoint (local directory or hub id) with safetensors only.
+
+    ``dtype="auto"`` (default) keeps the dtype the checkpoint was saved in (its config's ``dtype``,
+    else its weights'), as plain ``transformers`` does; ``"float32"``, ``"bfloat16"``, ``"float16"``
+    or a ``torch.dtype`` loads it in that dtype instead.
+    """
     check_safe_weights(path, task)
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
         raise ProgtrainConfigError(f"cannot load a model config from {path!r}: {e}".splitlines()[0]) from None
+    except config_errors() as e:
+        raise ProgtrainConfigError(f"the config of {path} is invalid ({config_error_text(e)}): fix its config.json") from None
     cls = model_class_for(config, task)
-    kwargs.setdefault("dtype", "float32")
-    return cls.from_pretrained(path, config=config, use_safetensors=True, **kwargs)
+    want = resolve_dtype(dtype)
+    return cls.from_pretrained(path, config=config, use_safetensors=True, dtype=want or "auto", **kwargs)
 
 
 # files of which a saved tokenizer has at least one (transformers' tokenizer_config.json / tokenizer.json,

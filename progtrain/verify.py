@@ -12,28 +12,53 @@ from typing import Any, Sequence
 import torch
 from transformers import PreTrainedModel
 
-#: Max relative deviation (max |delta output| / max |source output|) at which two models count as
-#: computing the same function, per parameter dtype. The one place tolerances are stated.
-TOLERANCES: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float64: 1e-5}
-#: Used for a dtype without its own entry: strict, so such growths are reported approximate rather
-#: than wrongly exact.
-DEFAULT_TOLERANCE = 1e-5
-
 #: Shapes ``(batch, seq_len)`` of the random-token inputs a growth is measured on: a small batch and
 #: one longer sequence (positions and attention windows further out). Cheap: 96 tokens per model.
 DEFAULT_PROBES: tuple[tuple[int, int], ...] = ((2, 16), (1, 64))
 
 
-def tolerance_for(dtype: torch.dtype) -> float:
-    """The relative tolerance at which outputs of models in ``dtype`` count as equal (1e-5 in fp32)."""
-    return TOLERANCES.get(dtype, DEFAULT_TOLERANCE)
-
-
 def models_tolerance(*models: PreTrainedModel) -> float:
     """The loosest :func:`tolerance_for` among the models' parameter dtypes (the comparison is only as
     precise as its least precise side)."""
-    dtypes = {p.dtype for m in models for p in m.parameters() if p.is_floating_point()}
-    return max((tolerance_for(d) for d in dtypes), default=DEFAULT_TOLERANCE)
+    return tolerance_for(*(model_dtype(m) for m in models))
+
+
+# Relative max |delta output| (see :func:`compare_outputs`) within which a growth counts as exact,
+# by the dtype the weights are stored in; outputs are computed in fp32 (``compute_dtype``), so only
+# the rounding of the stored weights counts, not the kernels' rounding at run time. Half precision:
+# 2 eps of the dtype (bf16 eps = 2**-7, fp16 eps = 2**-10). Measured on every family (tiny models,
+# real MiniLM-L6 384 -> 768, 8-layer 256-wide Llama / GPT-2 grown to 16 x 512; max over 3 input sets):
+#   growth in the dtype, default symmetry noise: 0.04-0.12 eps (the cancelling noise pairs are
+#     rounded separately); without noise 0-0.08 eps;
+#   fp32 source saved as bf16 / fp16 (--dtype): 0.66-1.09 eps, the cost of the cast itself;
+#   for scale: the same models *run* in bf16 / fp16 deviate from their fp32 runs by 1-2.2 eps.
+# So 2 eps accepts rounding with >= 1.8x margin, and a growth that changes the function by more
+# than 2 eps (1.6e-2 in bf16, 2e-3 in fp16) is reported approximate.
+_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2.0 * 2**-7, torch.float16: 2.0 * 2**-10}
+
+
+def tolerance_for(*dtypes: torch.dtype | str) -> float:
+    """The relative deviation (max |delta output| / max |output|, outputs computed in fp32) within
+    which a growth counts as exact when the weights compared are stored in ``dtypes`` (the coarsest
+    one decides): 1e-5 for float32, 1.5625e-2 (2 eps) for bfloat16, 1.953e-3 (2 eps) for float16;
+    1e-5 when no dtype is given. Strings such as ``"bfloat16"`` or ``"torch.float16"`` are accepted.
+
+    Raises:
+        ValueError: a dtype other than float32, bfloat16 and float16.
+    """
+    tol = _TOLERANCE[torch.float32]
+    for dt in dtypes:
+        if isinstance(dt, str):
+            dt = getattr(torch, dt.removeprefix("torch."), None)
+        if dt not in _TOLERANCE:
+            raise ValueError(f"no tolerance for dtype {dt}: use float32, bfloat16 or float16")
+        tol = max(tol, _TOLERANCE[dt])
+    return tol
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype ``model`` computes in: its first floating parameter's (as transformers' ``model.dtype``)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def random_inputs(model: PreTrainedModel, batch: int = 2, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
@@ -59,12 +84,30 @@ def fold_index(hidden_src: Sequence[int], old_hidden: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def model_outputs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[str, torch.Tensor]:
-    """``("logits", logits)`` for models with a head, else ``("hidden", last_hidden_state)``; fp32, eval mode."""
+def model_outputs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[str, torch.Tensor]:
+    """``("logits", logits)`` for models with a head, else ``("hidden", last_hidden_state)``;
+    returned in fp32, computed in eval mode.
+
+    With ``compute_dtype`` the forward pass runs on copies of every floating parameter and buffer
+    cast to that dtype (``torch.func.functional_call``; ``model`` is left as it is), e.g. fp32 to
+    evaluate a bf16 model's stored weights without bf16 rounding at run time. None: as the model is.
+    """
     was = model.training
     model.eval()
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask)
+        tensors = dict(model.named_parameters())
+        tensors.update(model.named_buffers())
+        if compute_dtype is not None and any(t.is_floating_point() and t.dtype != compute_dtype for t in tensors.values()):
+            cast = {n: t.to(compute_dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+            out = torch.func.functional_call(model, cast, (), kwargs)
+        else:
+            out = model(**kwargs)
     finally:
         model.train(was)
     if getattr(out, "logits", None) is not None:
@@ -79,11 +122,13 @@ def compare_outputs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     hidden_src: Sequence[int] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Max |delta| between the two models' logits (or last hidden states folded back to the old width
-    through ``hidden_src``, the grown-to-old hidden index map), absolute and relative to max |old|."""
-    kind, a = model_outputs(old, input_ids, attention_mask)
-    _, b = model_outputs(new, input_ids, attention_mask)
+    through ``hidden_src``, the grown-to-old hidden index map), absolute and relative to max |old|.
+    ``compute_dtype``: see :func:`model_outputs`."""
+    kind, a = model_outputs(old, input_ids, attention_mask, compute_dtype)
+    _, b = model_outputs(new, input_ids, attention_mask, compute_dtype)
     if kind == "hidden" and b.shape[-1] != a.shape[-1]:
         if hidden_src is None:
             raise ValueError("comparing hidden states of different widths needs the hidden index map")
@@ -124,14 +169,20 @@ def measure_deviation(
     tokens are reproducible from ``seed`` (probe ``i`` uses ``seed + i``). Headless models compare last
     hidden states folded back to the old width through ``hidden_src`` or ``maps``.
 
+    Both models are evaluated in fp32 on their weights as they are stored (a bf16 growth is judged
+    by its bf16 weights, without bf16 rounding at run time; see :func:`model_outputs`).
+
     Args:
-        tolerance: max relative deviation that counts as equal; default :func:`models_tolerance`.
+        tolerance: max relative deviation that counts as equal; default :func:`tolerance_for` the two
+            models' storage dtypes (:func:`models_tolerance`).
 
     Returns:
-        ``{"kind", "max_abs", "max_ref", "rel", "probes", "seed", "tolerance", "within_tolerance"}``
+        ``{"kind", "max_abs", "max_ref", "rel", "probes", "seed", "dtypes", "tolerance",
+        "within_tolerance"}``
         (plus ``"min_cosine_mean_pooled"`` for hidden states): the numbers of the input with the
         largest relative deviation ``rel = max|delta| / max|old output|``; ``probes`` lists the
-        ``[batch, seq_len]`` of every input; ``within_tolerance`` is ``rel <= tolerance``.
+        ``[batch, seq_len]`` of every input; ``dtypes`` the two models' storage dtypes (old, new);
+        ``within_tolerance`` is ``rel <= tolerance``.
     """
     if hidden_src is None and maps is not None and maps.hidden_mode != "same":
         hidden_src = maps.plan("hidden.out", "").src.tolist()
@@ -143,7 +194,7 @@ def measure_deviation(
     worst: dict[str, Any] | None = None
     cosines = []
     for ids, mask in inputs:
-        res = compare_outputs(old, new, ids, attention_mask=mask, hidden_src=hidden_src)
+        res = compare_outputs(old, new, ids, attention_mask=mask, hidden_src=hidden_src, compute_dtype=torch.float32)
         if "min_cosine_mean_pooled" in res:
             cosines.append(res["min_cosine_mean_pooled"])
         if worst is None or res["rel"] > worst["rel"] or math.isnan(res["rel"]):
@@ -151,6 +202,7 @@ def measure_deviation(
     assert worst is not None
     tol = models_tolerance(old, new) if tolerance is None else float(tolerance)
     worst.update(
+        dtypes=[str(model_dtype(m)).removeprefix("torch.") for m in (old, new)],
         probes=[[int(ids.shape[0]), int(ids.shape[1])] for ids, _ in inputs],
         seed=seed,
         tolerance=tol,

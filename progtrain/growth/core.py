@@ -7,6 +7,7 @@ blocks) -> init strategy (free blocks) -> a model of the same HF class with a ne
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +33,9 @@ class GrowthResult:
     """What :func:`grow` returns.
 
     Attributes:
-        model: the grown model (same class as the input, new config, same dtype and train/eval mode,
-            a copy of the input's ``generation_config``).
+        model: the grown model (same class as the input, new config, same train/eval mode, a copy of
+            the input's ``generation_config``; every parameter and buffer in the source's dtype, or in
+            the ``dtype`` asked of :func:`grow`).
         source_sizes / target_sizes: the sizes before and after.
         param_maps: grown parameter name -> :class:`ParamMap` (for optimizer-state surgery and
             birth-stage bookkeeping).
@@ -76,6 +78,48 @@ def _fan_in(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> int:
     return n
 
 
+def _param_dtype(
+    name: str, old: torch.dtype, src_main: torch.dtype, out: torch.dtype | None, model: PreTrainedModel
+) -> torch.dtype:
+    """The grown parameter's dtype: the source parameter's when ``out`` is None; else ``out``,
+    except for a parameter the source kept in another dtype than its main one (kept as it was) and
+    for modules the model class keeps in fp32 at ``out`` (``_keep_in_fp32_modules`` for fp16,
+    ``_keep_in_fp32_modules_strict`` for fp16 and bf16, as ``from_pretrained`` does)."""
+    if out is None or not old.is_floating_point:
+        return old
+    if old != src_main:
+        return old
+    keep = set()
+    if out == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if out in (torch.float16, torch.bfloat16):
+        keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if any(f".{k}." in f".{name}." for k in keep):
+        return torch.float32
+    return out
+
+
+def _layer_free_name(name: str) -> str:
+    """``model.layers.3.attn.bias`` -> ``model.layers.#.attn.bias`` (per-layer names match across depths)."""
+    return re.sub(r"(?<=\.)\d+(?=\.)", "#", name)
+
+
+def _mirror_buffer_dtypes(new: torch.nn.Module, old: torch.nn.Module) -> None:
+    """Give each buffer of ``new`` the dtype its counterpart in ``old`` has (same name, layer
+    indices ignored), buffer by buffer: transformers keeps some buffers in fp32 in a half-precision
+    model (rotary ``inv_freq``), and ``model.to(dtype)`` casts them all; the grown model follows
+    what the source had. Values stay as the grown config computes them."""
+    from ..bake import set_buffer
+
+    want = {}
+    for name, buf in old.named_buffers():
+        want.setdefault(_layer_free_name(name), buf.dtype)
+    for name, buf in list(new.named_buffers()):
+        dt = want.get(_layer_free_name(name))
+        if dt is not None and dt != buf.dtype and dt.is_floating_point == buf.dtype.is_floating_point:
+            set_buffer(new, name, buf.to(dt))
+
+
 def grow(
     model: PreTrainedModel,
     spec: GrowthSpec | dict | None = None,
@@ -85,6 +129,7 @@ def grow(
     seed: int = 0,
     verify: bool = True,
     data: Any = None,
+    dtype: str | torch.dtype | None = "auto",
     **sizes: Any,
 ) -> GrowthResult:
     """Grow ``model`` to the sizes in ``spec`` (or keyword arguments such as ``hidden_size=768``).
@@ -101,15 +146,28 @@ def grow(
             the result's ``exact`` is that measurement against the tolerance, and None without it.
         data: batches for data-driven strategies (GradInit, splitting, GradMax); checked against
             the model's input limits (``progtrain.growth.calibration.check_batches_fit``).
+        dtype: dtype of the grown model. ``"auto"`` (default) or None: the source's, per parameter
+            and per buffer (a bf16 model grows into a bf16 model; a buffer the source keeps in fp32,
+            such as rotary ``inv_freq`` of a model loaded in bf16, stays fp32). ``"float32"``,
+            ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``: every floating parameter in that
+            dtype (except modules the model class keeps in fp32, as ``from_pretrained`` does),
+            buffers as the model class builds them at that dtype. The growth arithmetic runs in
+            fp32 and is rounded once to the output dtype, so a growth that is exact in exact
+            arithmetic deviates by that rounding only; ``deviation["tolerance"]``
+            (:func:`progtrain.verify.tolerance_for` of the source's and the output's dtypes, the
+            coarser decides) is the relative deviation they allow: 1e-5 in float32, 1.56e-2 (2 eps)
+            in bfloat16, 1.95e-3 (2 eps) in float16.
 
     Returns:
         A :class:`GrowthResult`; the input model is not modified.
 
     Raises:
-        ProgtrainConfigError: bad sizes, unsupported architecture or strategy, a grown config the
-            family's config class rejects (:meth:`GrowthSpec.resolve_config`), or calibration batches
-            outside the model's limits; raised before any tensor is built.
+        ProgtrainConfigError: bad sizes, unsupported architecture, strategy or dtype, a grown config
+            the family's config class rejects (:meth:`GrowthSpec.resolve_config`), or calibration
+            batches outside the model's limits; raised before any tensor is built.
     """
+    from ..io import resolve_dtype
+
     t0 = time.perf_counter()
     if spec is None:
         spec = GrowthSpec(**sizes)
@@ -122,6 +180,7 @@ def grow(
             f"grow() takes a transformers PreTrainedModel, got {type(model).__name__}; unwrap it first "
             f"(accelerator.unwrap_model(model))"
         )
+    out_dtype = resolve_dtype(dtype)  # None: the source's, per tensor
     adapter = get_adapter(model)
     adapter.check_options(model.config)
     src = adapter.read_sizes(model.config)
@@ -141,9 +200,19 @@ def grow(
     maps = SpaceMaps.build(adapter, src, tgt, strategy.preserves_function, tied, positions, config=model.config)
     new_config = adapter.target_config(model.config, tgt, maps.eps_scale, maps.layer_src)
     new_config.architectures = [type(model).__name__]
+    src_dtype = model.dtype  # transformers' notion: the first floating parameter's dtype
+    main_dtype = out_dtype or src_dtype
+    new_config.dtype = main_dtype  # what save_pretrained writes, and from_pretrained's "auto" reads
 
-    with init_empty_weights():
-        new_model = type(model)(new_config)
+    # built under the output dtype as the default, as from_pretrained builds a model: buffers come
+    # out as the model class makes them at that dtype
+    prev_default = torch.get_default_dtype()
+    torch.set_default_dtype(main_dtype)
+    try:
+        with init_empty_weights():
+            new_model = type(model)(new_config)
+    finally:
+        torch.set_default_dtype(prev_default)
     if tied:
         new_model.tie_weights()
     carry_generation_config(model, new_model)  # eos ids, sampling defaults, max_new_tokens: vocab is unchanged
@@ -194,7 +263,7 @@ def grow(
             generator=gen,
         )
         strategy.init_tensor(tg)
-        state[name] = tg.value.to(old.dtype)
+        state[name] = tg.value.to(_param_dtype(name, old.dtype, src_dtype, out_dtype, new_model))
         param_maps[name] = pmap
 
     missing, unexpected = new_model.load_state_dict(state, strict=False, assign=True)
@@ -206,6 +275,8 @@ def grow(
         still_meta = [n for n, p in new_model.named_parameters() if p.is_meta]
     if still_meta:
         raise RuntimeError(f"parameters left unset after growth: {still_meta}")
+    if out_dtype is None:
+        _mirror_buffer_dtypes(new_model, model)
     new_model.train(model.training)
     ctx.new_model = new_model
     ctx.param_maps = param_maps
@@ -246,6 +317,7 @@ def grow(
         "hidden_index_map": [int(i) for i in maps.plan("hidden.out", "").src] if maps.hidden_mode != "same" else None,
         "init": strategy.describe(),
         "seed": seed,
+        "dtype": {"source": str(src_dtype).removeprefix("torch."), "grown": str(main_dtype).removeprefix("torch.")},
         "symmetry_noise": noise,
         "exact": exact,
         "expected_exact": expected_exact,

@@ -89,7 +89,8 @@ def build_initial_model(cfg: RunConfig, tokenizer: Any) -> PreTrainedModel:
     masked = cfg.model.task == "masked_lm"
     if cfg.model.checkpoint:
         # the run's blocks (and the calibration batches of data-driven growth, drawn from them) must fit
-        model = load_model(cfg.model.checkpoint, task=cfg.model.task)
+        # fp32 master weights whatever the checkpoint's dtype (mixed precision runs autocast on top)
+        model = load_model(cfg.model.checkpoint, task=cfg.model.task, dtype="float32")
         problems = fit_problems(input_limits(model), cfg.data.seq_len, tokenizer, masked=masked)
         if problems:
             raise ProgtrainConfigError(
@@ -354,7 +355,7 @@ class ProgressiveTrainer:
             # and the engine draws no random numbers (tests/test_resume.py: bit-identical with dropout)
             self.state.load_state_dict(c.train_state(self.acc.process_index))
             self.last_ckpt = str(resumed)
-            model = load_model(str(resumed / "model"), task=self.cfg.model.task)
+            model = load_model(str(resumed / "model"), task=self.cfg.model.task, dtype="float32")
             self._build(model, c.moments, c.state["opt_step"])
             self._enter_stage(model)
             logger.info("resumed from %s at step %d (stage %d)", resumed, self.state.step, self.state.stage)
