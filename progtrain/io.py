@@ -16,7 +16,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PreTrainedModel
 
-from .errors import ProgtrainConfigError
+from .errors import ProgtrainConfigError, config_error_text, config_errors
 
 logger = logging.getLogger(__name__)
 

@@ -8,10 +8,6 @@ DDP; options Trainer cannot honour refused; the README's Trainer example runs.
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +17,7 @@ import transformers as T
 from progtrain.errors import ProgtrainConfigError
 from progtrain.integrations import ProgressiveTrainer, load_stages
 
-from _launch import REPO, launch_env, run_launch
+from _launch import REPO, run_launch
 
 VOCAB, SEQ, STEPS = 64, 16, 8
 STAGES = [
@@ -298,24 +294,4 @@ def test_refused_setups(tmp_path):
         ProgressiveTrainer(model=gpt2(), args=targs(tmp_path), train_dataset=Tokens(), stages=[])
 
 
-# ---------------------------------------------------------------------- README example
-def readme_trainer_block() -> str:
-    text = (REPO / "README.md").read_text()
-    m = re.search(r"^## Use with transformers\.Trainer\n(.*?)(?=^## )", text, re.S | re.M)
-    assert m, "README.md has no '## Use with transformers.Trainer' section"
-    blocks = re.findall(r"```python\n(.*?)```", m.group(1), re.S)
-    assert len(blocks) == 1, "the Trainer section should have exactly one python code block"
-    assert "ProgressiveTrainer(" in blocks[0] and "TrainingArguments(" in blocks[0]
-    return blocks[0]
-
-
-def test_readme_trainer_example_runs(tmp_path):
-    script = tmp_path / "example.py"
-    script.write_text(readme_trainer_block())
-    env = launch_env("single")
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert os.path.isfile(tmp_path / "gpt2-trainer-grown" / "config.json")
-    cfg = json.loads((tmp_path / "gpt2-trainer-grown" / "config.json").read_text())
-    assert (cfg["n_embd"], cfg["n_layer"]) == (128, 4)
+# The README's Trainer example runs in tests/test_readme.py with every other README python block.

@@ -85,7 +85,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..arch import get_adapter
 from ..arch.base import iter_params
 from ..errors import ProgtrainConfigError
-from ..grow.spec import GrowthSpec, new_layer_positions
+from ..growth.spec import GrowthSpec, new_layer_positions
 from ..train.config import StageConfig, _build
 from ..train.surgery import MOMENT_KEYS, grow_moments
 
@@ -186,7 +186,7 @@ class ProgressiveTrainer(Trainer):
         stages: the growth schedule: ``stages:`` entries of a run YAML (dicts, or
             :class:`~progtrain.train.config.StageConfig`), each with ``start_step`` (an optimizer step,
             > 0) or ``start`` (a fraction of ``TrainingArguments.max_steps``) and ``grow``
-            (:class:`~progtrain.grow.GrowthSpec` keys), in order.
+            (:class:`~progtrain.growth.GrowthSpec` keys), in order.
 
     Attributes:
         stages: the parsed schedule (``start_step`` resolved).
