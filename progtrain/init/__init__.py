@@ -27,6 +27,7 @@ STRATEGY_MODULES = [
     "gradinit",
     "signed_split",
     "gradmax",
+    "aki",
 ]
 
 for _name in STRATEGY_MODULES:
