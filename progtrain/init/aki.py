@@ -41,8 +41,8 @@ existed.
 
 Differences from the paper: bert2BERT also fills the new units' fan-out from the donor (and
 divides the split fan-out), so its AKI changes the function slightly; here the fan-out stays zero
-(DESIGN.md section 3), so the growth is exact and the new units' fan-out is learned, starting from
-its first gradient. The top layer borrows from itself, as in the paper.
+(the construction in :mod:`progtrain.growth.plan`), so the growth is exact and the new units'
+fan-out is learned from its first gradient on. The top layer borrows from itself, as in the paper.
 """
 
 from __future__ import annotations
