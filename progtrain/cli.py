@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from .errors import ProgtrainConfigError, ProgtrainError, config_error_text, config_errors
+from .init import available_strategies, options_help
 
 logger = logging.getLogger("progtrain")
 
@@ -293,8 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where new layers go: interleave (default, spread evenly after old layers), top, "
         "or comma-separated 0-based indices of the new layers in the grown model",
     )
-    g.add_argument("--init", default="function_preserving", help="init strategy for new parameters (default: function_preserving)")
-    g.add_argument("--init-option", type=_kv, action="append", metavar="KEY=VALUE", help="option of the init strategy (repeatable)")
+    g.add_argument("--init", default="function_preserving", metavar="NAME",
+                   help=f"init strategy for new parameters: {', '.join(available_strategies())} (default: "
+                   "function_preserving; each is described below)")
+    g.add_argument("--init-option", type=_kv, action="append", metavar="KEY=VALUE",
+                   help="option of the init strategy (repeatable); the options of each strategy, their types and "
+                   "defaults are listed below (also progtrain.init.describe_options(NAME))")
+    g.epilog = "init strategies and their options (--init NAME --init-option KEY=VALUE):\n" + options_help()
     g.add_argument("--symmetry-noise", type=float, default=1e-2, help="relative std of the cancelling noise on tiled copies")
     g.add_argument("--task", choices=["causal_lm", "masked_lm", "base"], help="load SRC as this task (default: its config's architecture)")
     g.add_argument(

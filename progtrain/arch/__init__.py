@@ -2,6 +2,7 @@
 
 from . import bert, gpt2, gpt_neox, llama, mistral, qwen2  # noqa: F401  (registration side effects)
 from .base import (
+    ROLES,
     ArchAdapter,
     ConfigOption,
     ParamSpec,
@@ -14,6 +15,7 @@ from .base import (
 )
 
 __all__ = [
+    "ROLES",
     "ArchAdapter",
     "ConfigOption",
     "ParamSpec",

@@ -22,6 +22,9 @@ axis tag            meaning
 ``None``            a dimension that never grows (vocab, positions, token types)
 ==================  ============================================================================
 
+Every role is one of :data:`ROLES` (checked when an adapter is registered); operators and init
+strategies select tensors by role, never by parameter name.
+
 Nothing outside ``progtrain.arch`` knows a family by name: growth operators only read these tags.
 Adding a family is a new module in this package that calls :func:`register_adapter`.
 
@@ -66,6 +69,30 @@ AXIS_TAGS = frozenset(
 )
 
 _CONFIG_ERRORS = config_errors()  # what an invalid transformers config raises
+
+#: Every parameter role an adapter may declare, with what it is. :func:`register_adapter` refuses
+#: an adapter whose :class:`ParamSpec` names another role, so operators and strategies can rely on
+#: this set (a new kind of tensor is added here first, with its meaning).
+ROLES: dict[str, str] = {
+    "embed": "token embedding (writes the residual stream)",
+    "pos_embed": "learned position embedding (writes the stream)",
+    "type_embed": "token-type (segment) embedding (writes the stream)",
+    "embed_norm": "norm applied to the summed embeddings",
+    "norm": "norm inside a block (before or after attention / FFN)",
+    "final_norm": "norm whose output only the head reads",
+    "q": "attention query projection",
+    "k": "attention key projection",
+    "v": "attention value projection",
+    "qkv": "fused query|key|value projection (layout: the adapter's fused_qkv)",
+    "o": "attention output projection (writes the stream)",
+    "up": "FFN input projection (produces the FFN units)",
+    "gate": "FFN gate projection of a gated FFN (SwiGLU)",
+    "down": "FFN output projection (writes the stream)",
+    "pooler": "pooler dense layer on the first token",
+    "head_transform": "dense transform of a masked-LM head before its norm",
+    "head": "LM / MLM decoder reading the stream (tied to embed or not)",
+    "head_bias": "output bias of the LM / MLM decoder (one per vocabulary entry)",
+}
 
 # Roles whose output is added to the residual stream inside a block: zero them and the block is the
 # identity in a pre-norm model.
@@ -384,7 +411,25 @@ _REGISTRY: dict[str, ArchAdapter] = {}
 
 
 def register_adapter(adapter: ArchAdapter) -> ArchAdapter:
-    """Register an adapter for each of its ``model_types``."""
+    """Register an adapter for each of its ``model_types``.
+
+    Raises:
+        ProgtrainConfigError: a parameter's role is not in :data:`ROLES` (naming the adapter, the
+            parameter and the role), or a ``model_type`` already has an adapter.
+    """
+    for table in (adapter.params, adapter.layer_params, adapter.head_params):
+        for pname, pspec in table.items():
+            if pspec.role not in ROLES:
+                raise ProgtrainConfigError(
+                    f"adapter {adapter.name!r}: parameter {pname!r} has unknown role {pspec.role!r}; roles are "
+                    f"{', '.join(ROLES)} (add a new one to progtrain.arch.base.ROLES with its meaning)"
+                )
+    taken = [t for t in adapter.model_types if t in _REGISTRY]
+    if taken:
+        raise ProgtrainConfigError(
+            f"adapter {adapter.name!r}: model_type {', '.join(map(repr, taken))} already has the adapter "
+            f"{_REGISTRY[taken[0]].name!r}; one adapter per model_type"
+        )
     for t in adapter.model_types:
         _REGISTRY[t] = adapter
     return adapter

@@ -9,9 +9,13 @@ import importlib
 from .base import (
     GrowthContext,
     InitStrategy,
+    StrategyOptions,
     TensorGrowth,
     available_strategies,
+    describe_options,
     get_strategy,
+    option,
+    options_help,
     register_strategy,
 )
 
@@ -23,6 +27,7 @@ STRATEGY_MODULES = [
     "gradinit",
     "signed_split",
     "gradmax",
+    "aki",
 ]
 
 for _name in STRATEGY_MODULES:
@@ -35,8 +40,12 @@ for _name in STRATEGY_MODULES:
 __all__ = [
     "GrowthContext",
     "InitStrategy",
+    "StrategyOptions",
     "TensorGrowth",
     "available_strategies",
+    "describe_options",
     "get_strategy",
+    "option",
+    "options_help",
     "register_strategy",
 ]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -31,8 +31,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..arch.base import iter_params
 from ..errors import ProgtrainConfigError
-from .base import GrowthContext, register_strategy
-from .function_preserving import FunctionPreserving
+from .base import GrowthContext, option, register_strategy
+from .function_preserving import FunctionPreserving, FunctionPreservingOptions
 from .signed_split import LossFn, check_batches, default_loss
 
 logger = logging.getLogger(__name__)
@@ -306,47 +306,52 @@ def gradinit_(
     return GradInitResult(scales, before, after, gamma, gmax, n_con, n_obj, bake, history)
 
 
+@dataclass
+class GradInitOptions(FunctionPreservingOptions):
+    only_new: bool = option(True, "scale only tensors with new elements (False: every tensor)")
+    iters: int = option(300, "GradInit iterations (one Adam step on the scales each)")
+    lr: float = option(5e-3, "Adam learning rate of the scales")
+    eta: float = option(1e-3, "look-ahead step of the simulated optimiser (parameter units per step)")
+    alpha: float = option(0.01, "lower bound of every scale")
+    gamma: float | None = option(None, "gradient-norm bound (None: the largest norm over the batches at scales 1)")
+    optimizer: Literal["adam", "sgd"] = option("adam", "simulated optimiser: adam (sign step, L1 norm) or sgd")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require(self.iters >= 0, "iters", "must be >= 0")
+        self.require(self.lr > 0, "lr", "must be > 0")
+        self.require(self.eta > 0, "eta", "must be > 0")
+        self.require(self.alpha >= 0, "alpha", "must be >= 0")
+        self.require(self.gamma is None or self.gamma > 0, "gamma", "must be > 0 (or None)")
+
+
 @register_strategy("gradinit")
 class GradInit(FunctionPreserving):
-    """Grow as ``function_preserving``, then tune one scale per parameter tensor with GradInit on the
-    calibration batches (``grow(data=...)``) and bake it in. The tuned model computes a different
-    function by design (noted in the growth record).
+    """Grow as ``function_preserving``, then tune one scale per parameter tensor with GradInit
+    (Zhu et al. 2021) on the calibration batches (``grow(data=...)``) and bake it in.
 
-    Options: ``only_new`` (default True: scale only tensors with born elements), ``iters`` (300),
-    ``lr`` (5e-3), ``eta`` (1e-3), ``alpha`` (0.01), ``gamma`` (None = the norm at scales 1),
-    ``optimizer`` (``adam`` | ``sgd``), ``scale`` (noise of free blocks, as ``function_preserving``).
+    The tuned model computes a different function by design (noted in the growth record).
     """
 
     preserves_function = True
     needs_data = True
-
-    @classmethod
-    def default_options(cls) -> dict:
-        return {
-            **super().default_options(),
-            "only_new": True, "iters": 300, "lr": 5e-3, "eta": 1e-3, "alpha": 0.01, "gamma": None, "optimizer": "adam",
-        }
+    Options = GradInitOptions
 
     def before(self, ctx: GrowthContext) -> None:
         check_batches(ctx.data, self.name)
-        o = self.options
-        if o["optimizer"] not in ALGORITHMS:
-            raise ProgtrainConfigError(f"gradinit: optimizer must be one of {ALGORITHMS}, got {o['optimizer']!r}")
-        if int(o["iters"]) < 0 or o["lr"] <= 0 or o["eta"] <= 0 or o["alpha"] < 0:
-            raise ProgtrainConfigError("gradinit: need iters >= 0, lr > 0, eta > 0 and alpha >= 0")
 
     def after(self, ctx: GrowthContext) -> None:
         o = self.options
         model = ctx.new_model
         names = [n for n, _ in iter_params(model)]
-        if o["only_new"]:
+        if o.only_new:
             names = [n for n in names if n in ctx.param_maps and bool(ctx.param_maps[n].born_mask().any())]
         if not names:
             ctx.report["gradinit"] = {"tensors": 0}
             return
         res = gradinit_(
-            model, list(ctx.data), names=names, iters=int(o["iters"]), lr=float(o["lr"]), eta=float(o["eta"]),
-            alpha=float(o["alpha"]), gamma=o["gamma"], optimizer=o["optimizer"],
+            model, list(ctx.data), names=names, iters=o.iters, lr=o.lr, eta=o.eta, alpha=o.alpha, gamma=o.gamma,
+            optimizer=o.optimizer,
         )
         ctx.report["gradinit"] = res.as_report()
         ctx.report.setdefault("notes", []).append(

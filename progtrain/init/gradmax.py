@@ -23,14 +23,15 @@ calibration batch (the new units' activations must be exactly zero) and reported
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ProgtrainConfigError
-from .base import GrowthContext, register_strategy
-from .function_preserving import FunctionPreserving
+from .base import GrowthContext, option, register_strategy
+from .function_preserving import FunctionPreserving, FunctionPreservingOptions
 from .signed_split import (
     FFNLayer,
     LossFn,
@@ -110,30 +111,36 @@ def gradmax_fan_out(
     }
 
 
+@dataclass
+class GradMaxOptions(FunctionPreservingOptions):
+    fanout_scale: float = option(1.0, "magnitude of the new units' fan-out columns (see scale_method)")
+    scale_method: Literal["mean_norm", "fixed"] = option(
+        "mean_norm", "fan-out magnitude: fanout_scale x the old columns' mean norm, or fanout_scale itself"
+    )
+    seed: int = option(0, "seed of the random columns added when there are fewer singular vectors than units")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require(self.fanout_scale > 0, "fanout_scale", "must be > 0")
+
+
 @register_strategy("gradmax")
 class GradMax(FunctionPreserving):
     """New FFN units with zero fan-in and fan-out from the top singular vectors of the gradient
-    correlation ``M`` (see the module docstring). Needs calibration batches (``grow(data=...)``).
+    correlation ``M`` (GradMax, Evci et al. 2022; see the module docstring), on calibration
+    batches (``grow(data=...)``).
 
-    Options: ``fanout_scale`` (default 1.0) and ``scale_method`` (``mean_norm`` | ``fixed``) for the
-    fan-out magnitude, ``seed`` (extra random columns), ``scale`` (noise of other free blocks and of
-    gated units' gate rows, as ``function_preserving``). Other growth (hidden, heads, depth) is done
-    as by ``function_preserving``.
+    ``scale`` is the noise of other free blocks and of gated units' gate rows, as
+    ``function_preserving``. Other growth (hidden, heads, depth) is done as by
+    ``function_preserving``.
     """
 
     preserves_function = True
     needs_data = True
-
-    @classmethod
-    def default_options(cls) -> dict:
-        return {**super().default_options(), "fanout_scale": 1.0, "scale_method": "mean_norm", "seed": 0}
+    Options = GradMaxOptions
 
     def before(self, ctx: GrowthContext) -> None:
         check_batches(ctx.data, self.name)
-        if self.options["scale_method"] not in ("mean_norm", "fixed"):
-            raise ProgtrainConfigError(
-                f"gradmax: scale_method must be 'mean_norm' or 'fixed', got {self.options['scale_method']!r}"
-            )
 
     def after(self, ctx: GrowthContext) -> None:
         o = self.options
@@ -145,11 +152,11 @@ class GradMax(FunctionPreserving):
         for L in layers:
             zero_new_fan_in(L)
         Ms = gradient_correlation(model, layers, batches)
-        gen = torch.Generator().manual_seed(int(o["seed"]))
+        gen = torch.Generator().manual_seed(o.seed)
         report = {}
         for L, M in zip(layers, Ms):
             report[L.name] = gradmax_fan_out(
-                L, M, fanout_scale=o["fanout_scale"], scale_method=o["scale_method"], generator=gen
+                L, M, fanout_scale=o.fanout_scale, scale_method=o.scale_method, generator=gen
             )
         with _ParamsRequireGrad(model):
             fp = ffn_pass(model, layers, batches[0])

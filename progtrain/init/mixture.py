@@ -54,7 +54,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -63,7 +64,8 @@ from torch.nn.utils import parametrize
 from ..bake import bake_ as bake  # noqa: F401  (re-exported: the one way to bake templates)
 from ..bake import plain_named_parameters
 from ..errors import ProgtrainConfigError
-from .base import GrowthContext, InitStrategy, TensorGrowth, reference_std, register_strategy
+from ..arch.base import ROLES
+from .base import GrowthContext, InitStrategy, StrategyOptions, TensorGrowth, option, reference_std, register_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -137,17 +139,12 @@ def _role_of(model: nn.Module):
     return lambda name: adapter.classify(name, prefix)[0].role, adapter
 
 
-def _known_roles(adapter) -> set[str]:
-    specs = list(adapter.params.values()) + list(adapter.layer_params.values()) + list(adapter.head_params.values())
-    return {s.role for s in specs}
-
-
-def _check_roles(roles: Iterable[str], adapter) -> tuple[str, ...]:
+def _check_roles(roles: Iterable[str]) -> tuple[str, ...]:
+    """``roles`` as a tuple; each must be one of the declared roles (:data:`progtrain.arch.ROLES`)."""
     roles = tuple(roles)
-    known = _known_roles(adapter) | set(DEFAULT_ROLES)
-    bad = [r for r in roles if r not in known]
+    bad = [r for r in roles if r not in ROLES]
     if bad:
-        raise ProgtrainConfigError(f"unknown role(s) {bad} for templates; valid: {', '.join(sorted(known))}")
+        raise ProgtrainConfigError(f"unknown role(s) {bad} for templates; valid: {', '.join(ROLES)}")
     return roles
 
 
@@ -186,7 +183,7 @@ def templatize(
     if is_parametrized(model):
         raise ProgtrainConfigError("the model is already parametrised: bake it first (progtrain.init.mixture.bake)")
     role_of, adapter = _role_of(model)
-    roles = _check_roles(roles, adapter)
+    roles = _check_roles(roles)
     names = []
     for name, p in list(plain_named_parameters(model)):
         if p.dim() != 2 or role_of(name) not in roles:
@@ -271,36 +268,35 @@ def templatize_grown(
 
 
 # ---------------------------------------------------------------------- the init strategy
+@dataclass
+class MixtureOptions(StrategyOptions):
+    exact: bool = option(True, "keep the new units' fan-out zero and the function exact")
+    coefficients: Literal["alternate", "orthogonal", "least_covered"] = option(
+        "alternate", "rule for the new blocks' template coefficients"
+    )
+    coef_scale: float = option(1.0, "norm of new coefficient vectors relative to the old ones' mean norm")
+    num_templates: int = option(4, "templates per layer when the bank is derived from a plain model")
+    noise: float = option(1.0, "noise of the templates derived from a plain model")
+    roles: list[str] = option(list(DEFAULT_ROLES), "roles of the templated weights (progtrain.arch.ROLES)")
+
+    def __post_init__(self) -> None:
+        self.require(self.coef_scale > 0, "coef_scale", "must be > 0")
+        self.require(self.num_templates >= 2, "num_templates", "use at least 2")
+        self.require(self.noise >= 0, "noise", "must be >= 0")
+        bad = [r for r in self.roles if r not in ROLES]
+        self.require(not bad, "roles", f"unknown role(s) {bad}; roles are {', '.join(ROLES)}")
+
+
 @register_strategy("mixture")
 class MixtureInit(InitStrategy):
-    """MixtureGrowth init (see the module docstring). Options: ``exact`` (keep fan-out zero and the
-    function; default True), ``coefficients`` ("alternate" | "orthogonal" | "least_covered"),
-    ``coef_scale`` (1.0), ``num_templates`` / ``noise`` (for banks derived from a plain model),
-    ``roles`` (templated roles)."""
+    """MixtureGrowth init (see the module docstring): new blocks of templated weights are new
+    mixtures of the layer's trained templates."""
 
-    @classmethod
-    def default_options(cls) -> dict:
-        return {
-            "exact": True,
-            "coefficients": "alternate",
-            "coef_scale": 1.0,
-            "num_templates": 4,
-            "noise": 1.0,
-            "roles": list(DEFAULT_ROLES),
-        }
+    Options = MixtureOptions
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        o = self.options
-        if o["coefficients"] not in COEFFICIENT_RULES:
-            raise ProgtrainConfigError(
-                f"mixture coefficients={o['coefficients']!r} is not one of {', '.join(COEFFICIENT_RULES)}: pick one"
-            )
-        if int(o["num_templates"]) < 2:
-            raise ProgtrainConfigError(f"mixture num_templates={o['num_templates']}: use at least 2")
-        if isinstance(o["roles"], str):
-            o["roles"] = [r.strip() for r in o["roles"].split(",") if r.strip()]
-        self.preserves_function = bool(o["exact"])
+    def __init__(self, options: MixtureOptions | None = None, **values: Any) -> None:
+        super().__init__(options, **values)
+        self.preserves_function = bool(self.options.exact)
         self._banks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.new_coefficients: dict[str, list[list[float]]] = {}
 
@@ -308,7 +304,7 @@ class MixtureInit(InitStrategy):
         from ..arch.base import base_prefix
 
         role_of, adapter = _role_of(ctx.old_model)
-        self._roles = set(_check_roles(self.options["roles"], adapter))
+        self._roles = set(_check_roles(self.options.roles))
         self._adapter, self._maps = adapter, ctx.maps
         self._prefix = base_prefix(ctx.old_model)
         trained = {n: (t.detach().double().clone(), c.detach().double().clone().view(1, -1))
@@ -321,8 +317,8 @@ class MixtureInit(InitStrategy):
             if name in trained:
                 self._banks[name] = trained[name]
             else:  # a plain model: derive the bank from the weight as templatize() would
-                k = int(self.options["num_templates"])
-                tm = TemplateMixture(k, seed=i, noise=float(self.options["noise"]))
+                k = int(self.options.num_templates)
+                tm = TemplateMixture(k, seed=i, noise=float(self.options.noise))
                 t, c = tm.right_inverse(w.detach().double())
                 self._banks[name] = (t, c.view(1, -1))
                 derived += 1
@@ -330,7 +326,7 @@ class MixtureInit(InitStrategy):
         self._source = "trained" if derived == 0 else ("derived" if not trained else "mixed")
         if derived:
             logger.info("mixture: %d of %d template banks derived from plain weights (%d templates each)",
-                        derived, len(self._banks), self.options["num_templates"])
+                        derived, len(self._banks), self.options.num_templates)
 
     def _old_name(self, name: str) -> str:
         _, layer, suffix = self._adapter.classify(name, self._prefix)
@@ -367,11 +363,11 @@ class MixtureInit(InitStrategy):
 
     def _coefficients(self, old: torch.Tensor, n: int, generator: torch.Generator) -> list[torch.Tensor]:
         """``n`` new coefficient vectors following the configured rule, scaled to the old vectors' mean norm."""
-        rule = self.options["coefficients"]
+        rule = self.options.coefficients
         k = old.shape[1]
         fresh = iter(_orthonormal_rows(n, k, generator))
         stack = old.clone()
-        scale = float(old.norm(dim=1).mean()) * float(self.options["coef_scale"])
+        scale = float(old.norm(dim=1).mean()) * float(self.options.coef_scale)
         out = []
         for m in range(n):
             if rule == "orthogonal" or (rule == "alternate" and m % 2 == 0):
@@ -386,7 +382,7 @@ class MixtureInit(InitStrategy):
         ctx.report["mixture"] = {
             "templates": self._source,
             "num_templates": int(next(iter(self._banks.values()))[0].shape[0]) if self._banks else 0,
-            "coefficients": self.options["coefficients"],
+            "coefficients": self.options.coefficients,
             "new_blocks": sum(len(v) for v in self.new_coefficients.values()),
         }
         self._banks = {}

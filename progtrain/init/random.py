@@ -4,18 +4,28 @@ gains, 0 for biases and shifts). Not function-preserving."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import InitStrategy, TensorGrowth, register_strategy
+from .base import InitStrategy, StrategyOptions, TensorGrowth, option, register_strategy
+
+
+@dataclass
+class RandomOptions(StrategyOptions):
+    std: float | None = option(None, "std of new matrix entries (None: the config's initializer_range)")
+
+    def __post_init__(self) -> None:
+        self.require(self.std is None or self.std > 0, "std", "must be > 0 (or None for initializer_range)")
 
 
 @register_strategy("random")
 class RandomInit(InitStrategy):
-    preserves_function = False
+    """New entries drawn as a fresh model's (N(0, initializer_range^2) matrices, unit gains, zero
+    biases); old entries copied unchanged. Not function-preserving."""
 
-    @classmethod
-    def default_options(cls) -> dict:
-        return {"std": None}
+    preserves_function = False
+    Options = RandomOptions
 
     def init_tensor(self, t: TensorGrowth) -> None:
         if not bool(t.free.any()):
@@ -25,5 +35,5 @@ class RandomInit(InitStrategy):
         elif t.is_vector:
             t.value[t.free] = 0.0
         else:
-            std = self.options["std"] or float(getattr(t.config, "initializer_range", 0.02))
+            std = self.options.std or float(getattr(t.config, "initializer_range", 0.02))
             t.value[t.free] = (torch.randn(t.value.shape, generator=t.generator) * std)[t.free]

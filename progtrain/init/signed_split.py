@@ -37,8 +37,8 @@ from transformers import PreTrainedModel
 
 from ..arch.base import base_prefix, get_adapter
 from ..errors import ProgtrainConfigError
-from .base import GrowthContext, register_strategy
-from .function_preserving import FunctionPreserving
+from .base import GrowthContext, option, register_strategy
+from .function_preserving import FunctionPreserving, FunctionPreservingOptions
 
 logger = logging.getLogger(__name__)
 
@@ -484,53 +484,61 @@ def _summary(plans: Sequence[SplitPlan]) -> dict:
     return out
 
 
+@dataclass
+class SignedSplitOptions(FunctionPreservingOptions):
+    eps: float = option(
+        0.01,
+        "relative split step; 0.01 is the second-order regime where the predicted loss change is accurate "
+        "(MiniLM-L6, 1536 -> 2048 units: eps 0.01 predicted -0.454 / realised -0.456, eps 0.05 predicted "
+        "-11.4 / realised -2.9)",
+    )
+    signed_weight: float = option(1.0, "c: a signed split's weights are 1+c and -c")
+    allow_signed: bool = option(True, "allow signed splits (False: positive splits only)")
+    lanczos_steps: int = option(10, "Lanczos iterations per unit for the splitting matrix's extreme eigenpairs")
+    seed: int = option(0, "seed of the Lanczos start vectors")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require(self.eps > 0, "eps", "must be > 0")
+        self.require(self.signed_weight > 0, "signed_weight", "must be > 0")
+        self.require(self.lanczos_steps >= 1, "lanczos_steps", "must be >= 1")
+
+
 @register_strategy("signed_split")
 class SignedSplit(FunctionPreserving):
     """Grow FFN width by splitting the units with the largest predicted loss decrease (positive or
-    signed split, see the module docstring). Needs calibration batches (``grow(data=...)``).
+    signed split, Liu et al. 2019 and Wu et al. 2020; see the module docstring), measured on
+    calibration batches (``grow(data=...)``).
 
-    Options: ``eps`` (relative step, default 0.01: the second-order regime, where the predicted
-    change is accurate; on MiniLM-L6 with a fresh MLM head, 1536 -> 2048 units, eps = 0.01 predicted
-    -0.454 and realised -0.456 calibration loss, eps = 0.05 predicted -11.4 and realised -2.9),
-    ``signed_weight`` c (signed split weights 1+c and -c, default 1.0), ``allow_signed`` (False =
-    positive splits only), ``lanczos_steps`` (default 10), ``seed``, ``scale`` (noise of other free blocks, as ``function_preserving``). The predicted
-    change per unit lands in the growth record (``strategy_report.signed_split``). New slots left
-    over when more units are added than exist keep zero fan-out. Width growth of other spaces
-    (hidden, heads, depth) is done as by ``function_preserving``.
+    The predicted change per unit lands in the growth record (``strategy_report.signed_split``).
+    New slots left over when more units are added than exist keep zero fan-out. Width growth of
+    other spaces (hidden, heads, depth) is done as by ``function_preserving``; ``scale`` is the
+    noise of other free blocks.
     """
 
     preserves_function = True
     needs_data = True
-
-    @classmethod
-    def default_options(cls) -> dict:
-        return {
-            **super().default_options(),
-            "eps": 0.01, "signed_weight": 1.0, "allow_signed": True, "lanczos_steps": 10, "seed": 0,
-        }
+    Options = SignedSplitOptions
 
     def before(self, ctx: GrowthContext) -> None:
         check_batches(ctx.data, self.name)
-        o = self.options
-        if o["eps"] <= 0 or o["signed_weight"] <= 0 or int(o["lanczos_steps"]) < 1:
-            raise ProgtrainConfigError("signed_split: eps and signed_weight must be > 0 and lanczos_steps >= 1")
 
     def after(self, ctx: GrowthContext) -> None:
         o = self.options
         model = ctx.new_model
         layers = find_ffn_layers(model, ctx.param_maps)
         plans = plan_splits(
-            model, layers, list(ctx.data), eps=o["eps"], signed_weight=o["signed_weight"],
-            allow_signed=o["allow_signed"], lanczos_steps=int(o["lanczos_steps"]), seed=int(o["seed"]),
+            model, layers, list(ctx.data), eps=o.eps, signed_weight=o.signed_weight,
+            allow_signed=o.allow_signed, lanczos_steps=o.lanczos_steps, seed=o.seed,
         )
         for P in plans:
-            apply_splits(P, o["signed_weight"])
+            apply_splits(P, o.signed_weight)
         summ = _summary(plans)
         ctx.report["signed_split"] = summ
         if plans:
             n = sum(len(P.chosen) for P in plans)
             ctx.report.setdefault("notes", []).append(
-                f"signed_split: {n} FFN units split (eps={o['eps']}); the function changes at O(eps^2), "
+                f"signed_split: {n} FFN units split (eps={o.eps}); the function changes at O(eps^2), "
                 f"predicted calibration-loss change {summ['predicted_total']:.3e}"
             )
             logger.info("signed_split: %d units split, predicted loss change %.3e", n, summ["predicted_total"])

@@ -36,40 +36,39 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
-from ..errors import ProgtrainConfigError
-from .base import GrowthContext, InitStrategy, TensorGrowth, reference_std, register_strategy
+from .base import GrowthContext, InitStrategy, StrategyOptions, TensorGrowth, option, reference_std, register_strategy
 
 logger = logging.getLogger(__name__)
 
 RESCALES = {"sqrt": 0.5, "linear": 1.0, "none": 0.5}
-FAN_OUTS = ("zero", "paired")
+
+
+@dataclass
+class VarianceTransferOptions(StrategyOptions):
+    rescale: Literal["sqrt", "linear", "none"] = option(
+        "sqrt", "rescale of old weights whose fan-in grows: (n_old/n_new)**p with p = 1/2 (sqrt), 1 (linear), or none"
+    )
+    fan_out: Literal["zero", "paired"] = option(
+        "zero", "new FFN units' fan-out: zero, or paired (+Z/-Z pairs that cancel exactly)"
+    )
+    measure: bool = option(True, "measure the per-block logit deviation of the rescale after growth")
 
 
 @register_strategy("variance_transfer")
 class VarianceTransfer(InitStrategy):
-    """Variance transfer (see the module docstring). Options: ``rescale`` ("sqrt" | "linear" |
-    "none"), ``fan_out`` ("zero" | "paired"), ``measure`` (measure the per-block logit deviation of
-    the rescale after growth; default True)."""
+    """Variance transfer (Yuan, Savarese & Maire 2023): old weights rescaled to their new fan-in, new
+    blocks drawn at the fan-in rule (see the module docstring)."""
 
     preserves_function = True
+    Options = VarianceTransferOptions
 
-    @classmethod
-    def default_options(cls) -> dict:
-        return {"rescale": "sqrt", "fan_out": "zero", "measure": True}
-
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        if self.options["rescale"] not in RESCALES:
-            raise ProgtrainConfigError(
-                f"variance_transfer rescale={self.options['rescale']!r} is not one of {', '.join(RESCALES)}: pick one"
-            )
-        if self.options["fan_out"] not in FAN_OUTS:
-            raise ProgtrainConfigError(
-                f"variance_transfer fan_out={self.options['fan_out']!r} is not one of {', '.join(FAN_OUTS)}: pick one"
-            )
+    def __init__(self, options: VarianceTransferOptions | None = None, **values: Any) -> None:
+        super().__init__(options, **values)
         self._reset(None)
 
     def _reset(self, maps) -> None:
@@ -85,7 +84,7 @@ class VarianceTransfer(InitStrategy):
 
     @property
     def power(self) -> float:
-        return RESCALES[self.options["rescale"]]
+        return RESCALES[self.options.rescale]
 
     @torch.no_grad()
     def init_tensor(self, t: TensorGrowth) -> None:
@@ -98,13 +97,13 @@ class VarianceTransfer(InitStrategy):
         new = t.free
         if bool(t.free.any()):
             t.value.copy_(torch.where(t.free, torch.randn(t.value.shape, generator=t.generator) * std, t.value))
-        if self.options["fan_out"] == "paired" and not t.new_layer and self._maps is not None:
+        if self.options.fan_out == "paired" and not t.new_layer and self._maps is not None:
             paired = self._pair(t, std)
             if paired is not None:
                 new = new | paired
-        if self.options["rescale"] != "none" and ratio != 1.0:  # rescale what was built from old values
+        if self.options.rescale != "none" and ratio != 1.0:  # rescale what was built from old values
             f = ratio**self.power
-            if self.options["measure"]:
+            if self.options.measure:
                 self._unscaled[t.name] = t.value.clone()
             t.value.copy_(torch.where(new, t.value, t.value * f))
             self._factors[t.name] = f
@@ -145,8 +144,8 @@ class VarianceTransfer(InitStrategy):
 
     @torch.no_grad()
     def after(self, ctx: GrowthContext) -> None:
-        rep: dict = {"rescale": self.options["rescale"], "fan_out": self.options["fan_out"]}
-        if self.options["fan_out"] == "paired":
+        rep: dict = {"rescale": self.options.rescale, "fan_out": self.options.fan_out}
+        if self.options.fan_out == "paired":
             rep["unit_pairs"] = self._pairs
             rep["unpaired_units"] = self._unpaired
         if self._factors:
@@ -154,10 +153,10 @@ class VarianceTransfer(InitStrategy):
             groups = self._group(ctx)
             fmin, fmax = min(self._factors.values()), max(self._factors.values())
             note = (
-                f"variance_transfer rescale={self.options['rescale']}: {len(self._factors)} tensors whose fan-in grew "
+                f"variance_transfer rescale={self.options.rescale}: {len(self._factors)} tensors whose fan-in grew "
                 f"were rescaled by {fmin:.4g}" + (f"..{fmax:.4g}" if fmax != fmin else "")
             )
-            if self.options["measure"] and self._unscaled:
+            if self.options.measure and self._unscaled:
                 dev = self._measure(ctx, groups)
                 rep["block_deviation"] = dev
                 worst = sorted(dev.items(), key=lambda kv: -kv[1])
