@@ -245,7 +245,6 @@ class ProgressiveTrainer:
     # .................................................................. growth
     def _grow(self, idx: int) -> None:
         from .. import grow
-        from ..growth.spec import GrowthSpec
         from ..init import get_strategy
 
         cfg, acc = self.cfg, self.acc
@@ -258,7 +257,7 @@ class ProgressiveTrainer:
         if strategy.needs_data:
             data = self.data.calibration_batches(st.calib_batches, self.micro_global, self.step * cfg.train.batch_size)
         seed = cfg.seed + idx if st.seed is None else st.seed
-        res = grow(full.model, GrowthSpec.from_dict(dict(st.grow)), init=strategy, seed=seed, data=data)
+        res = grow(full.model, st.grow, init=strategy, seed=seed, data=data)
         moments = grow_moments(full.moments, res.param_maps, factors=True)
         old_shapes = {n: tuple(p.shape) for n, p in full.model.named_parameters()}
         if self.lr_scales is not None:
