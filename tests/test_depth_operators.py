@@ -203,7 +203,7 @@ def test_layer_sources_give_the_listed_copies(family):
         (dict(layer_sources=[0, "x", 1]), "invalid layer_sources entry 'x'"),
         (dict(layer_sources=[0, 1, 1], layer_placement="top"), "not both"),
         (dict(num_layers=4, depth_init="clone"), "unknown depth_init 'clone'"),
-        (dict(num_layers=4, layer_placement="bottom"), "unknown layer_placement 'bottom'"),
+        (dict(num_layers=4, layer_placement="bottom"), "invalid layer_placement 'bottom'"),
         (dict(layer_sources=[0, 1]), "nothing to grow"),
     ],
 )
@@ -361,3 +361,19 @@ def test_plan_is_made_once_and_reused(monkeypatch):
         grow(model, plan, init="random")
     with pytest.raises(ProgtrainConfigError, match="made for a gpt2 model"):
         grow(tiny_model("llama"), plan)
+
+
+def test_grow_flags_are_the_spec_fields(capsys):
+    """Every GrowthSpec field is a `progtrain grow` flag whose help is the field's documentation."""
+    from progtrain.cli import build_parser
+
+    grow_parser = build_parser()._subparsers._group_actions[0].choices["grow"]
+    actions = {a.dest: a for a in grow_parser._actions}
+    for f in dataclasses.fields(GrowthSpec):
+        a = actions[f.name]
+        assert a.option_strings == ["--" + f.name.replace("_", "-")]
+        assert f.metadata["help"] and a.help.startswith(f.metadata["help"])
+        assert a.default == f.default
+    with pytest.raises(SystemExit) as e:
+        main(["grow", "a", "b", "--layer-placement", "bottom"])
+    assert e.value.code == 2 and "invalid layer_placement 'bottom': use interleave, top, stack" in capsys.readouterr().err

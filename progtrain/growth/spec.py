@@ -133,15 +133,6 @@ class GrowthSpec:
             kwargs[k] = v
         return cls(**kwargs)
 
-    def as_dict(self) -> dict:
-        """The fields that differ from their defaults (JSON-serialisable)."""
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if v != f.default:
-                out[f.name] = v if isinstance(v, (str, int, float)) or v is None else list(v)
-        return out
-
     # ------------------------------------------------------------------ resolution + validation
     def resolve(self, src: Sizes, adapter: ArchAdapter) -> Sizes:
         """Validate against the source sizes and return the target sizes (sizes only:
@@ -268,7 +259,7 @@ class GrowthSpec:
                 wrong length, with an index out of range, missing a trained layer or reordering them.
         """
         if self.layer_sources is None:
-            placement = "interleave" if self.layer_placement is None else self.layer_placement
+            placement = "interleave" if self.layer_placement is None else parse_layer_placement(self.layer_placement)
             return placement_sources(old, new, placement)
         if self.layer_placement is not None:
             raise ProgtrainConfigError(
@@ -550,7 +541,8 @@ class GrowthPlan:
             "family": self.adapter.name,
             "source": self.source_sizes.as_dict(),
             "target": self.target_sizes.as_dict(),
-            "layer_placement": self.placement if self.placement != "indices" else list(self.spec.layer_placement),
+            "layer_placement": (self.placement if self.placement != "indices"
+                                else parse_layer_placement(self.spec.layer_placement)),
             "layer_sources": list(self.layer_sources),
             "layer_init": list(self.layer_init),
             "new_layer_positions": self.new_layer_positions,
@@ -607,11 +599,10 @@ def plan_growth(
         for s, is_new in zip(sources, new)
     )
     target = spec._grown_config(config, adapter, src, tgt, eps_scale, templates)
+    named = "interleave" if spec.layer_placement is None else parse_layer_placement(spec.layer_placement)
     if spec.layer_sources is not None:
         placement = "layer_sources"
-    elif spec.layer_placement is None or isinstance(spec.layer_placement, str):
-        placement = spec.layer_placement or "interleave"
     else:
-        placement = "indices"
+        placement = named if isinstance(named, str) else "indices"
     return GrowthPlan(spec, adapter, strategy, config, target, src, tgt, tuple(templates), layer_init, placement,
                       mode, eps_scale)
