@@ -7,16 +7,19 @@ than the tolerance.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import yaml
 
 from .errors import ProgtrainConfigError, ProgtrainError, config_error_text, config_errors
+from .growth import GrowthSpec, grow, plan_growth
 from .init import available_strategies, options_help
 
 logger = logging.getLogger("progtrain")
@@ -29,15 +32,43 @@ DEFAULT_SENTENCES = [
 ]
 
 
-def _placement(value: str) -> str | list[int]:
-    if value in ("interleave", "top"):
-        return value
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid placement {value!r}: use interleave, top or comma-separated layer indices like 2,5"
-        ) from None
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per field of the dataclass ``cls`` (HfArgumentParser style): the flag is the
+    field name with dashes, its help the field's ``metadata["help"]``, its default the field's; the
+    value is parsed by ``metadata["parse"]`` or the field's type (``int | None`` -> int), with
+    ``metadata["choices"]`` / ``["metavar"]`` passed on. A name and its help exist once, in ``cls``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        parse = meta.get("parse") or next(
+            (t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t in (int, float, str)), str
+        )
+        default = None if f.default is dataclasses.MISSING else f.default
+        help_text = meta.get("help", "")
+        if default is not None:
+            help_text += f" (default: {default})"
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, type=_argparse_type(parse), default=default,
+            choices=meta.get("choices"), metavar=meta.get("metavar"), help=help_text,
+        )
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The dataclass ``cls`` from the flags :func:`add_dataclass_arguments` added."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` with its ProgtrainConfigError shown by argparse as the reason (exit 2)."""
+
+    def wrapped(value: str) -> Any:
+        try:
+            return parse(value)
+        except ProgtrainConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    wrapped.__name__ = getattr(parse, "__name__", "value")
+    return wrapped
 
 
 def _kv(value: str) -> tuple[str, Any]:
@@ -59,26 +90,15 @@ def _table(rows: Sequence[Sequence[Any]]) -> str:
 
 # ---------------------------------------------------------------------- grow
 def cmd_grow(args: argparse.Namespace) -> int:
-    from .growth import GrowthSpec, grow
     from .io import load_model, load_tokenizer, read_growth_history, save_checkpoint
 
-    spec = GrowthSpec(
-        hidden_size=args.hidden_size,
-        num_heads=args.num_heads,
-        num_kv_heads=args.num_kv_heads,
-        intermediate_size=args.intermediate_size,
-        num_layers=args.num_layers,
-        layer_placement=args.layer_placement,
-        symmetry_noise=args.symmetry_noise,
-    )
+    spec = dataclass_from_args(GrowthSpec, args)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ProgtrainConfigError(f"output directory {out} exists and is not empty: pass --overwrite or another path")
-    # validate sizes and the strategy against the config before loading any weights
+    # plan the growth (sizes, layer sources, strategy, grown config) before loading any weights
     from transformers import AutoConfig, AutoTokenizer
 
-    from .arch import get_adapter
-    from .init import get_strategy
     from .io import check_safe_weights
 
     check_safe_weights(args.src, args.task)
@@ -90,10 +110,8 @@ def cmd_grow(args: argparse.Namespace) -> int:
         raise ProgtrainConfigError(
             f"the config of {args.src} is invalid ({config_error_text(e)}): fix its config.json"
         ) from None
-    adapter = get_adapter(config)
-    adapter.check_options(config)
-    spec.resolve_config(config, adapter)  # the sizes and the grown config, as transformers will validate it
-    strategy = get_strategy(args.init, **dict(args.init_option or []))
+    plan = plan_growth(config, spec, init=args.init, init_kwargs=dict(args.init_option or []))
+    strategy = plan.strategy
     if args.calib_batches < 1:
         raise ProgtrainConfigError(f"--calib-batches must be at least 1, got {args.calib_batches}")
     model = load_model(args.src, task=args.task)  # in the dtype it was saved in
@@ -120,7 +138,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
                 )
         data = calibration_batches(model, calib_tok, args.data, n_batches=args.calib_batches, seed=args.seed)
     model.eval()
-    res = grow(model, spec, init=strategy, seed=args.seed, data=data, dtype=args.dtype)
+    res = grow(model, plan, seed=args.seed, data=data, dtype=args.dtype)
     history = read_growth_history(args.src) + [dict(res.record, source_path=str(args.src))]
     from .card import license_of, render_model_card
     from .carry import plan_carry
@@ -282,18 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("src", help="source checkpoint: local directory or hub id")
     g.add_argument("out", help="output directory (must not exist or be empty unless --overwrite)")
-    g.add_argument("--hidden-size", type=int, help="new residual width (integer multiples are exact by tiling)")
-    g.add_argument("--num-heads", type=int, help="new number of attention (query) heads")
-    g.add_argument("--num-kv-heads", type=int, help="new number of key/value heads (GQA families)")
-    g.add_argument("--intermediate-size", type=int, help="new FFN width")
-    g.add_argument("--num-layers", type=int, help="new number of layers (new ones start as identity blocks)")
-    g.add_argument(
-        "--layer-placement",
-        type=_placement,
-        default="interleave",
-        help="where new layers go: interleave (default, spread evenly after old layers), top, "
-        "or comma-separated 0-based indices of the new layers in the grown model",
-    )
+    add_dataclass_arguments(g, GrowthSpec)  # --hidden-size ... --symmetry-noise
     g.add_argument("--init", default="function_preserving", metavar="NAME",
                    help=f"init strategy for new parameters: {', '.join(available_strategies())} (default: "
                    "function_preserving; each is described below)")
@@ -301,7 +308,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="option of the init strategy (repeatable); the options of each strategy, their types and "
                    "defaults are listed below (also progtrain.init.describe_options(NAME))")
     g.epilog = "init strategies and their options (--init NAME --init-option KEY=VALUE):\n" + options_help()
-    g.add_argument("--symmetry-noise", type=float, default=1e-2, help="relative std of the cancelling noise on tiled copies")
     g.add_argument("--task", choices=["causal_lm", "masked_lm", "base"], help="load SRC as this task (default: its config's architecture)")
     g.add_argument(
         "--data",

@@ -202,7 +202,9 @@ class ArchAdapter:
             each grown layer takes the entry of the old layer it comes from).
         layer_threshold_config_keys: config attributes holding a layer index from which layers behave
             differently (Qwen2 ``max_window_layers``: layers at or above it use the sliding window);
-            rebuilt on depth growth as the number of grown layers whose source layer is below it.
+            rebuilt on depth growth as the length of the leading run of grown layers whose source is
+            below it (their number when the sources keep the order; otherwise the per-layer lists
+            carry the pattern, and without one the growth is refused).
         default_ffn: computes the FFN size when the config leaves it implicit (GPT-2 ``n_inner=None``).
         attention_scale: ``(config, layer_index, head_dim) -> float``, the factor the family multiplies
             q.k by in block ``layer_index`` (default ``head_dim ** -0.5``). The growth multiplies a
@@ -315,12 +317,33 @@ class ArchAdapter:
             for key in self.layer_threshold_config_keys:
                 old = getattr(config, key, None)
                 if isinstance(old, int) and not isinstance(old, bool):
-                    # below the threshold in the old model <=> below it in the grown one
-                    n = sum(1 for s in layer_sources if s < old) if old < old_layers else max(old, sizes.layers)
+                    if old >= old_layers:
+                        n = max(old, sizes.layers)  # no layer at or above it, before or after
+                    else:
+                        # the leading run of grown layers whose source is below the threshold: when the
+                        # sources keep below-threshold layers first (interleave, top, indices) it is their
+                        # count and the threshold still produces every layer's behaviour; when they do not
+                        # (stack, middle) no threshold can, and the per-layer lists carry it
+                        below = [s < old for s in layer_sources]
+                        n = below.index(False) if False in below else len(below)
+                        if any(below[n:]) and not self._has_per_layer_list(config, old_layers):
+                            raise ProgtrainConfigError(
+                                f"{self.name}: config.{key}={old} cannot describe the grown layers (sources "
+                                f"{layer_sources} put layers below it above layers at or over it) and the config "
+                                f"has no per-layer list ({', '.join(self.per_layer_config_keys)}) to carry them; "
+                                f"use a placement that keeps the layer order (interleave, top or indices)"
+                            )
                     setattr(new, key, n)
         except _CONFIG_ERRORS as e:
             raise ProgtrainConfigError(self._config_error_message(config, e)) from None
         return new
+
+    def _has_per_layer_list(self, config: PretrainedConfig, layers: int) -> bool:
+        """True when ``config`` holds one of ``per_layer_config_keys`` with one entry per layer."""
+        return any(
+            isinstance(getattr(config, k, None), (list, tuple)) and len(getattr(config, k)) == layers
+            for k in self.per_layer_config_keys
+        )
 
     def target_config(
         self,

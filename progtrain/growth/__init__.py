@@ -2,6 +2,9 @@
 
 from .core import GrowthResult, grow
 from .plan import AxisPlan, ParamMap, SpaceMaps
-from .spec import GrowthSpec, new_layer_positions
+from .spec import GrowthPlan, GrowthSpec, new_layer_positions, plan_growth
 
-__all__ = ["AxisPlan", "GrowthResult", "GrowthSpec", "ParamMap", "SpaceMaps", "grow", "new_layer_positions"]
+__all__ = [
+    "AxisPlan", "GrowthPlan", "GrowthResult", "GrowthSpec", "ParamMap", "SpaceMaps", "grow", "new_layer_positions",
+    "plan_growth",
+]

@@ -21,9 +21,9 @@ from .. import init as _init  # noqa: F401  (registers strategies)
 from ..arch.base import BLOCK_OUTPUT_ROLES, Sizes, base_prefix, get_adapter, has_tied_head, iter_params
 from ..carry import carry_generation_config
 from ..errors import ProgtrainConfigError
-from ..init.base import GrowthContext, TensorGrowth, get_strategy
+from ..init.base import GrowthContext, TensorGrowth
 from .plan import FREE, ZERO, ParamMap, SpaceMaps, apply_plans
-from .spec import GrowthSpec, new_layer_positions
+from .spec import INIT_DRAWS, GrowthPlan, GrowthSpec, plan_growth
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,24 @@ class GrowthResult:
     deviation: dict | None
     record: dict = field(default_factory=dict)
     expected_exact: bool = True
+
+
+def _make_new_layer_tensor(how: str, pspec: Any, value: torch.Tensor, status: torch.Tensor) -> None:
+    """Turn a tensor of a new layer, built as a copy of its source layer's, into what ``how`` (a
+    ``GrowthPlan.layer_init`` value) asks, in place: ``copy`` keeps it; ``copy_zero_out`` zeroes the
+    block's output projections and their biases (``BLOCK_OUTPUT_ROLES``: the block adds nothing to
+    the stream); ``zero_out`` leaves every other tensor but the norms to the init strategy (FREE) and
+    zeroes the outputs (norm gains/shifts stay copies: a zero gain would leave the block without
+    gradient); ``init`` leaves all of it to the strategy."""
+    is_norm = any(a in ("hidden.gain", "hidden.shift") for a in pspec.axes if a)
+    if how == "copy":
+        return
+    if how in ("copy_zero_out", "zero_out") and pspec.role in BLOCK_OUTPUT_ROLES:
+        status.fill_(ZERO)
+        value.zero_()
+    elif how == INIT_DRAWS or (how == "zero_out" and not is_norm):
+        status.fill_(FREE)
+        value.zero_()
 
 
 def _fan_in(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> int:
@@ -122,9 +140,9 @@ def _mirror_buffer_dtypes(new: torch.nn.Module, old: torch.nn.Module) -> None:
 
 def grow(
     model: PreTrainedModel,
-    spec: GrowthSpec | dict | None = None,
+    spec: GrowthSpec | GrowthPlan | dict | None = None,
     *,
-    init: str | Any = "function_preserving",
+    init: str | Any | None = None,
     init_kwargs: dict | None = None,
     seed: int = 0,
     verify: bool = True,
@@ -136,9 +154,11 @@ def grow(
 
     Args:
         model: a supported ``transformers`` model (base model, causal LM or masked LM).
-        spec: a :class:`GrowthSpec`, a dict of its fields, or None to use ``**sizes``.
+        spec: a :class:`GrowthSpec`, a dict of its fields, None to use ``**sizes``, or a
+            :class:`GrowthPlan` already made for this model's config by :func:`plan_growth` (then it is
+            used as it is, with its init strategy: pass no ``init``, ``init_kwargs`` or sizes).
         init: name of a registered init strategy (``progtrain.init.available_strategies()``) or an
-            :class:`~progtrain.init.InitStrategy` instance.
+            :class:`~progtrain.init.InitStrategy` instance (default ``function_preserving``).
         init_kwargs: options of the strategy.
         seed: seeds the symmetry-breaking noise and the strategy's random draws.
         verify: measure max |delta logits| between the old and grown model on random tokens
@@ -162,30 +182,39 @@ def grow(
         A :class:`GrowthResult`; the input model is not modified.
 
     Raises:
-        ProgtrainConfigError: bad sizes, unsupported architecture, strategy or dtype, a grown config
-            the family's config class rejects (:meth:`GrowthSpec.resolve_config`), or calibration
-            batches outside the model's limits; raised before any tensor is built.
+        ProgtrainConfigError: bad sizes or layer sources, unsupported architecture, strategy or dtype,
+            a grown config the family's config class rejects (:func:`plan_growth`), a plan made for
+            another config, or calibration batches outside the model's limits; raised before any
+            tensor is built.
     """
     from ..io import resolve_dtype
 
     t0 = time.perf_counter()
-    if spec is None:
-        spec = GrowthSpec(**sizes)
-    elif isinstance(spec, dict):
-        spec = GrowthSpec.from_dict({**spec, **sizes})
-    elif sizes:
-        raise ProgtrainConfigError("pass either a GrowthSpec or size keywords, not both")
     if not isinstance(model, PreTrainedModel):
         raise ProgtrainConfigError(
             f"grow() takes a transformers PreTrainedModel, got {type(model).__name__}; unwrap it first "
             f"(accelerator.unwrap_model(model))"
         )
     out_dtype = resolve_dtype(dtype)  # None: the source's, per tensor
-    adapter = get_adapter(model)
-    adapter.check_options(model.config)
-    src = adapter.read_sizes(model.config)
-    tgt, _ = spec.resolve_config(model.config, adapter)  # sizes and the grown config, before any tensor
-    strategy = get_strategy(init, **(init_kwargs or {}))
+    if isinstance(spec, GrowthPlan):
+        if sizes or init is not None or init_kwargs:
+            raise ProgtrainConfigError("a GrowthPlan holds the sizes and the init strategy: pass it alone")
+        plan = spec
+        if get_adapter(model) is not plan.adapter or plan.adapter.read_sizes(model.config) != plan.source_sizes:
+            raise ProgtrainConfigError(
+                f"this GrowthPlan was made for a {plan.adapter.name} model of sizes {plan.source_sizes.as_dict()}, "
+                f"not for this {type(model).__name__}: make the plan from this model's config (plan_growth)"
+            )
+    else:
+        if spec is None:
+            spec = GrowthSpec.from_dict(sizes)
+        elif isinstance(spec, dict):
+            spec = GrowthSpec.from_dict({**spec, **sizes})
+        elif sizes:
+            raise ProgtrainConfigError("pass either a GrowthSpec or size keywords, not both")
+        # sizes, layer sources and the grown config, validated before any tensor
+        plan = plan_growth(model.config, spec, "function_preserving" if init is None else init, init_kwargs)
+    adapter, strategy, src, tgt = plan.adapter, plan.strategy, plan.source_sizes, plan.target_sizes
     if data is not None and strategy.needs_data:  # a clear error, not an IndexError inside the model
         from .calibration import check_batches_fit, input_limits
 
@@ -196,9 +225,10 @@ def grow(
 
     old_params = dict(iter_params(model))
     classified = {n: adapter.classify(n, prefix) for n in old_params}  # raises on unknown params
-    positions = new_layer_positions(src.layers, tgt.layers, spec.layer_placement)
-    maps = SpaceMaps.build(adapter, src, tgt, strategy.preserves_function, tied, positions, config=model.config)
-    new_config = adapter.target_config(model.config, tgt, maps.eps_scale, maps.layer_src)
+    maps = SpaceMaps.build(plan, tied)
+    # the plan's sizes and layer sources applied to this model's own config object (which may carry
+    # load-time settings the plan's copy lacks); validated as plan.target_config was
+    new_config = adapter.write_config(model.config, tgt, plan.eps_scale, list(plan.layer_sources))
     new_config.architectures = [type(model).__name__]
     src_dtype = model.dtype  # transformers' notion: the first floating parameter's dtype
     main_dtype = out_dtype or src_dtype
@@ -223,7 +253,7 @@ def grow(
 
     state: dict[str, torch.Tensor] = {}
     param_maps: dict[str, ParamMap] = {}
-    noise = spec.symmetry_noise if strategy.preserves_function else 0.0
+    noise = plan.spec.symmetry_noise if strategy.preserves_function else 0.0
     for name, p_new in iter_params(new_model):
         pspec, layer, suffix = adapter.classify(name, new_prefix)
         new_layer = False
@@ -238,12 +268,7 @@ def grow(
         plans = [maps.plan(tag, pspec.role, layer) if tag else None for tag in pspec.axes]
         value, status = apply_plans(old, plans, noise, gen)
         if new_layer:
-            if not strategy.preserves_function:
-                status.fill_(FREE)
-                value.zero_()
-            elif pspec.role in BLOCK_OUTPUT_ROLES:
-                status.fill_(ZERO)
-                value.zero_()
+            _make_new_layer_tensor(maps.layer_init[layer], pspec, value, status)
         if tuple(value.shape) != tuple(p_new.shape):
             raise RuntimeError(f"{name}: built {tuple(value.shape)}, model expects {tuple(p_new.shape)}")
         pmap = ParamMap(old_name, plans, new_layer, tuple(value.shape))
@@ -307,13 +332,8 @@ def grow(
         else:
             logger.warning(msg + " [approximate: " + "; ".join(notes) + "]")
     record = {
-        "family": adapter.name,
+        **plan.record(),
         "model_class": type(model).__name__,
-        "source": src.as_dict(),
-        "target": tgt.as_dict(),
-        "layer_placement": spec.layer_placement if isinstance(spec.layer_placement, str) else list(spec.layer_placement),
-        "new_layer_positions": positions,
-        "hidden_mode": maps.hidden_mode,
         "hidden_index_map": [int(i) for i in maps.plan("hidden.out", "").src] if maps.hidden_mode != "same" else None,
         "init": strategy.describe(),
         "seed": seed,

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PretrainedConfig
 
 from ..arch.base import HEAD_INPUT_NORM_ROLE, ArchAdapter, Sizes
-from ..errors import ProgtrainConfigError
+
+if TYPE_CHECKING:
+    from .spec import GrowthPlan
 
 OLD, FREE, ZERO, MEAN = 0, 1, 2, 3
 
@@ -112,46 +114,29 @@ class SpaceMaps:
     q_scale: list[float] | None = None  # per grown layer: multiplier of the old query rows
     _cache: dict = field(default_factory=dict, repr=False)
 
+    layer_init: list[str | None] = field(default_factory=list)  # per grown layer: GrowthPlan.layer_init
+
     @classmethod
-    def build(
-        cls,
-        adapter: ArchAdapter,
-        src: Sizes,
-        tgt: Sizes,
-        preserve: bool,
-        tied_head: bool,
-        new_positions: list[int],
-        config: PretrainedConfig | None = None,
-    ) -> "SpaceMaps":
-        """The maps of one growth. ``config`` (the source model's) feeds the adapter's attention-scale
-        law; without it the law is evaluated on an empty config (its defaults)."""
-        if tgt.hidden == src.hidden:
-            mode = "same"
-        elif preserve and tgt.hidden % src.hidden == 0:
-            mode = "tile"
-        else:
-            mode = "pad"
+    def build(cls, plan: "GrowthPlan", tied_head: bool) -> "SpaceMaps":
+        """The maps of one planned growth (:func:`~progtrain.growth.spec.plan_growth`): sizes, hidden
+        mode, layer sources and epsilon scale come from the plan; the head maps and each block's query
+        scale (the adapter's attention-scale law, evaluated on the source config) are derived here.
+        ``tied_head``: the model's LM head shares the token embedding."""
+        src, tgt, adapter = plan.source_sizes, plan.target_sizes, plan.adapter
+        preserve = plan.strategy.preserves_function
         q_src, kv_src = _gqa_head_maps(src.heads, src.kv_heads, tgt.heads, tgt.kv_heads)
-        layer_src, layer_new, old_i = [], [], 0
-        new_set = set(new_positions)
-        for i in range(tgt.layers):
-            if i in new_set:
-                layer_src.append(max(old_i - 1, 0))  # copy of the block just below
-                layer_new.append(True)
-            else:
-                layer_src.append(old_i)
-                layer_new.append(False)
-                old_i += 1
-        eps_scale = src.hidden / tgt.hidden if (mode == "pad" and preserve) else 1.0
-        # keep q.k * scale of every block: old scale (source layer, old head_dim) / new scale
-        cfg = config if config is not None else PretrainedConfig()
+        layer_src = list(plan.layer_sources)
+        # keep q.k * scale of every block: old scale (source layer, old head_dim) / new scale, so a block
+        # that moves, or a copy of it, scores attention as its source did
+        cfg = plan.source_config
         law = adapter.attention_scale
         q_scale = [
             law(cfg, j, src.head_dim) / law(cfg, i, tgt.head_dim) if preserve else 1.0
             for i, j in enumerate(layer_src)
         ]
         return cls(
-            adapter, src, tgt, preserve, tied_head, mode, q_src, kv_src, layer_src, layer_new, eps_scale, q_scale
+            adapter, src, tgt, preserve, tied_head, plan.hidden_mode, q_src, kv_src, layer_src,
+            list(plan.layer_new), plan.eps_scale, q_scale, layer_init=list(plan.layer_init),
         )
 
     # ------------------------------------------------------------------ exactness
@@ -171,10 +156,16 @@ class SpaceMaps:
             if any(self.layer_new):
                 notes.append(
                     f"{self.adapter.name} is post-norm: a new block renormalises the stream, so depth "
-                    f"growth is approximate without training; to keep the function exactly, grow in a "
-                    f"`progtrain train` stage with `fade_in_steps: N` (each new block starts as "
-                    f"h + m*(block(h) - h) at m = 0 and is faded in over N steps)"
+                    f"growth is approximate without training (copy_zero_out is not the identity there); to "
+                    f"keep the function exactly, grow in a `progtrain train` stage with `fade_in_steps: N` "
+                    f"(each new block starts as h + m*(block(h) - h) at m = 0 and is faded in over N steps)"
                 )
+        copies = [i for i, m in enumerate(self.layer_init) if m == "copy"]
+        if copies:
+            notes.append(
+                f"depth_init=copy: new layer(s) {copies} are copies of trained layers with their outputs kept, "
+                f"so they change the function (use copy_zero_out or zero_out to keep it)"
+            )
         return notes
 
     # ------------------------------------------------------------------ axis plans

@@ -31,7 +31,9 @@ from typing import Any, Sequence
 
 import yaml
 
+from ..arch import get_adapter
 from ..errors import ProgtrainConfigError, config_error_text, config_errors
+from ..growth.spec import GrowthPlan, GrowthSpec, plan_growth
 
 
 @dataclass
@@ -132,8 +134,9 @@ class LrScalesConfig:
 @dataclass
 class StageConfig:
     """One growth: at ``start_step`` (or ``start_tokens``, rounded up to whole steps) grow the model to
-    ``grow`` (GrowthSpec keys: hidden_size, num_heads, num_kv_heads, intermediate_size, num_layers,
-    layer_placement, symmetry_noise) with init strategy ``init`` and its ``init_kwargs``.
+    ``grow`` (a :class:`~progtrain.growth.GrowthSpec`, written as a mapping of its fields: hidden_size,
+    num_heads, num_kv_heads, intermediate_size, num_layers, layer_placement, layer_sources, depth_init,
+    symmetry_noise) with init strategy ``init`` and its ``init_kwargs``.
 
     ``rewarm_steps``: after the growth the LR ramps linearly from 0 back to the schedule over this
     many steps (0 = off). ``born_warmup_steps``: only the elements born in this growth ramp their
@@ -149,7 +152,7 @@ class StageConfig:
     name: str = ""
     start_step: int | None = None
     start_tokens: int | None = None
-    grow: dict = field(default_factory=dict)
+    grow: GrowthSpec = field(default_factory=GrowthSpec)
     init: str = "function_preserving"
     init_kwargs: dict = field(default_factory=dict)
     seed: int | None = None
@@ -226,7 +229,16 @@ def _build(cls: type, data: Any, where: str) -> Any:
     for k, v in data.items():
         if k == "source":
             continue
-        if cls is StageConfig and k == "lr_scales":
+        if cls is StageConfig and k == "grow":
+            if not isinstance(v, dict) or not v:
+                raise ProgtrainConfigError(
+                    f"{where}: grow must map sizes to grow (e.g. grow: {{hidden_size: 128}}), got {v!r}"
+                )
+            try:
+                kwargs[k] = GrowthSpec.from_dict(v)
+            except ProgtrainConfigError as e:
+                raise ProgtrainConfigError(f"{where}.grow: {e}") from None
+        elif cls is StageConfig and k == "lr_scales":
             kwargs[k] = None if v in (None, False) else _build(LrScalesConfig, {} if v is True else v, f"{where}.lr_scales")
             if kwargs[k] is not None:
                 kwargs[k].clamp = tuple(float(c) for c in kwargs[k].clamp)
@@ -365,26 +377,37 @@ def initial_hf_config(cfg: RunConfig) -> Any:
         raise ProgtrainConfigError(f"model.family={m.family!r} with model.config: {config_error_text(e)}") from None
 
 
-def stage_sizes(cfg: RunConfig) -> list[Any]:
-    """The :class:`~progtrain.arch.base.Sizes` of every stage (stage 0 = the initial model), each
-    growth validated with ``GrowthSpec.resolve_config`` against the previous stage's config: the
-    sizes, and the grown config as the family's config class validates it."""
-    from ..arch import get_adapter
-    from ..growth.spec import GrowthSpec
+def stage_plans(cfg: RunConfig, vocab_size: int | None = None) -> tuple[Any, list[GrowthPlan]]:
+    """Walk the stages: the initial model's HF config and the :class:`~progtrain.growth.GrowthPlan` of
+    every growth, each planned (:func:`~progtrain.growth.plan_growth`, with the stage's init strategy)
+    against the config the previous stage grows into. The one walk over stages that validation,
+    FLOPs planning and the training loop's stage table share.
 
+    ``vocab_size`` replaces the vocabulary of a fresh initial model (the tokenizer's, when known).
+
+    Raises:
+        ProgtrainConfigError: the first stage whose growth is invalid, named ``stages[i] (name)``.
+    """
     hf = initial_hf_config(cfg)
-    adapter = get_adapter(hf)
-    if cfg.stages:
-        adapter.check_options(hf)  # a config option the growth does not handle: refused now, not mid-run
-    sizes = [adapter.read_sizes(hf)]
+    if vocab_size is not None and not cfg.model.checkpoint:
+        hf.vocab_size = int(vocab_size)
+    get_adapter(hf)  # an unsupported family is refused even without stages
+    plans, cur = [], hf
     for i, st in enumerate(cfg.stages):
         try:
-            spec = GrowthSpec.from_dict(dict(st.grow or {}))
-            tgt, hf = spec.resolve_config(hf, adapter)
-            sizes.append(tgt)
+            plan = plan_growth(cur, st.grow, init=st.init, init_kwargs=st.init_kwargs)
         except ProgtrainConfigError as e:
             raise ProgtrainConfigError(f"stages[{i}] ({st.name or 'unnamed'}): {e}") from None
-    return sizes
+        plans.append(plan)
+        cur = plan.target_config
+    return hf, plans
+
+
+def stage_sizes(cfg: RunConfig) -> list[Any]:
+    """The :class:`~progtrain.arch.base.Sizes` of every stage (stage 0 = the initial model), each
+    growth validated by :func:`stage_plans`."""
+    hf, plans = stage_plans(cfg)
+    return [plans[0].source_sizes if plans else get_adapter(hf).read_sizes(hf)] + [p.target_sizes for p in plans]
 
 
 def validate(cfg: RunConfig) -> None:
@@ -476,16 +499,10 @@ def validate(cfg: RunConfig) -> None:
         pos_int(f"stages[{i}].rewarm_steps", st.rewarm_steps, zero_ok=True)
         pos_int(f"stages[{i}].born_warmup_steps", st.born_warmup_steps, zero_ok=True)
         pos_int(f"stages[{i}].fade_in_steps", st.fade_in_steps, zero_ok=True)
-        if not isinstance(st.grow, dict) or not st.grow:
+        if not isinstance(st.grow, GrowthSpec):
             raise ProgtrainConfigError(
                 f"stages[{i}] ({st.name}): grow must map sizes to grow (e.g. grow: {{hidden_size: 128}})"
             )
-        from ..init import get_strategy
-
-        try:
-            get_strategy(st.init, **(st.init_kwargs or {}))
-        except ProgtrainConfigError as e:
-            raise ProgtrainConfigError(f"stages[{i}] ({st.name}): {e}") from None
     for i, st in enumerate(cfg.stages):
         end = cfg.stages[i + 1].start_step if i + 1 < len(cfg.stages) else t.max_steps
         if st.fade_in_steps and st.start_step + st.fade_in_steps > end:
@@ -506,7 +523,7 @@ def validate(cfg: RunConfig) -> None:
             f"model family {hf.model_type!r} has no {m.task} model in transformers: use "
             f"{'masked_lm' if m.task == 'causal_lm' else 'causal_lm'} or another family"
         ) from None
-    stage_sizes(cfg)  # sizes grow monotonically, heads divide, ... (GrowthSpec.resolve)
+    stage_plans(cfg)  # every growth planned: sizes, layer sources, strategy, grown config
 
 
 def _looks_like_hub_id(s: str) -> bool:

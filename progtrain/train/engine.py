@@ -40,7 +40,7 @@ from transformers import PreTrainedModel
 
 from ..arch import get_adapter
 from ..errors import ProgtrainConfigError, TrainingDivergedError
-from ..growth import GrowthSpec, grow
+from ..growth import grow
 from ..growth.calibration import fit_problems, input_limits
 from ..hub import push_to_hub
 from ..init import get_strategy
@@ -505,7 +505,7 @@ class ProgressiveTrainer:
         if strategy.needs_data:
             data = self.data.calibration_batches(st.calib_batches, self.micro_global, self.state.step * cfg.train.batch_size)
         seed = cfg.seed + idx if st.seed is None else st.seed
-        return grow(model, GrowthSpec.from_dict(dict(st.grow)), init=strategy, seed=seed, data=data)
+        return grow(model, st.grow, init=strategy, seed=seed, data=data)
 
     # .................................................................. helpers
     def _eval(self) -> float:

@@ -77,27 +77,12 @@ def meta_model(config: PretrainedConfig, task: str) -> PreTrainedModel:
 
 
 def stage_configs(cfg: Any, vocab_size: int | None = None) -> list[PretrainedConfig]:
-    """HF config of every stage of a run (stage 0 = initial model), for planning."""
-    from ..arch import get_adapter
-    from ..growth.spec import GrowthSpec, new_layer_positions
-    from .config import initial_hf_config
+    """HF config of every stage of a run (stage 0 = initial model), from the stages' growth plans
+    (:func:`progtrain.train.config.stage_plans`)."""
+    from .config import stage_plans
 
-    hf = initial_hf_config(cfg)
-    if vocab_size is not None and not cfg.model.checkpoint:
-        hf.vocab_size = int(vocab_size)
-    adapter = get_adapter(hf)
-    out = [hf]
-    for st in cfg.stages:
-        spec = GrowthSpec.from_dict(dict(st.grow))
-        src = adapter.read_sizes(out[-1])
-        tgt = spec.resolve(src, adapter)
-        new_pos = set(new_layer_positions(src.layers, tgt.layers, spec.layer_placement))
-        layer_src, old_i = [], 0
-        for i in range(tgt.layers):
-            layer_src.append(max(old_i - 1, 0) if i in new_pos else old_i)
-            old_i += 0 if i in new_pos else 1
-        out.append(adapter.write_config(out[-1], tgt, 1.0, layer_src))
-    return out
+    hf, plans = stage_plans(cfg, vocab_size)
+    return [hf] + [p.target_config for p in plans]
 
 
 def plan(cfg: Any, vocab_size: int | None = None) -> list[dict]:
