@@ -236,7 +236,10 @@ def grow(
             old_name = adapter.layer_param_name(prefix, maps.layer_src[layer], suffix)
         old = old_params[old_name]
         plans = [maps.plan(tag, pspec.role, layer) if tag else None for tag in pspec.axes]
-        value, status = apply_plans(old, plans, noise, gen)
+        # a norm computing x_hat * (offset + w) grows its effective gain offset + w (adapter.norm_offset)
+        offset = adapter.norm_offset if "hidden.gain" in pspec.axes else 0.0
+        old_eff = old.detach().float() + offset if offset else old
+        value, status = apply_plans(old_eff, plans, noise, gen)
         if new_layer:
             if not strategy.preserves_function:
                 status.fill_(FREE)
@@ -255,7 +258,7 @@ def grow(
             value=value,
             free=status == FREE,
             born=born,
-            old=old.detach().float(),
+            old=old_eff.detach().float(),
             fan_in_old=_fan_in(tuple(old.shape), pspec.axes),
             fan_in_new=_fan_in(tuple(value.shape), pspec.axes),
             new_layer=new_layer,
@@ -263,6 +266,8 @@ def grow(
             generator=gen,
         )
         strategy.init_tensor(tg)
+        if offset:
+            tg.value = tg.value - offset
         state[name] = tg.value.to(_param_dtype(name, old.dtype, src_dtype, out_dtype, new_model))
         param_maps[name] = pmap
 
