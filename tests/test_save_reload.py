@@ -22,6 +22,15 @@ CASES = {
     "mistral": ("mistral", dict(kv=1), dict(num_heads=8, num_kv_heads=2), "AutoModelForCausalLM"),
     "qwen2": ("qwen2", dict(kv=2), dict(hidden_size=64, num_layers=3), "AutoModelForCausalLM"),
     "gpt_neox": ("gpt_neox", dict(), dict(hidden_size=64, num_layers=3), "AutoModelForCausalLM"),
+    "gemma_tied": ("gemma", dict(kv=2), dict(hidden_size=64, num_heads=8, num_layers=3), "AutoModelForCausalLM"),
+    "gemma2": ("gemma2", dict(kv=1, tie=False), dict(hidden_size=48, num_kv_heads=2, num_layers=3), "AutoModelForCausalLM"),
+    "gemma3_text": ("gemma3_text", dict(kv=2), dict(hidden_size=64, intermediate_size=96, num_layers=4),
+                    "AutoModelForCausalLM"),
+    "gemma3_base": ("gemma3_text", dict(head=False), dict(hidden_size=48), "AutoModel"),
+    "opt": ("opt", dict(), dict(hidden_size=64, num_heads=8, num_layers=3), "AutoModelForCausalLM"),
+    "gptj": ("gptj", dict(), dict(hidden_size=48, intermediate_size=192, num_layers=3), "AutoModelForCausalLM"),
+    "roberta_mlm": ("roberta", dict(), dict(hidden_size=64, num_heads=8), "AutoModelForMaskedLM"),
+    "roberta_base": ("roberta", dict(head=False), dict(hidden_size=64, intermediate_size=128), "AutoModel"),
 }
 
 RELOAD = textwrap.dedent(

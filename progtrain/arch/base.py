@@ -92,6 +92,9 @@ ROLES: dict[str, str] = {
     "head_transform": "dense transform of a masked-LM head before its norm",
     "head": "LM / MLM decoder reading the stream (tied to embed or not)",
     "head_bias": "output bias of the LM / MLM decoder (one per vocabulary entry)",
+    "qk_norm": "per-head query / key norm over head_dim (Qwen3, Gemma 3): never grows while head_dim is fixed",
+    "embed_proj": "projection from a narrower embedding into the stream (OPT project_in)",
+    "head_proj": "projection from the stream to a narrower head input (OPT project_out)",
 }
 
 # Roles whose output is added to the residual stream inside a block: zero them and the block is the
@@ -99,6 +102,8 @@ ROLES: dict[str, str] = {
 BLOCK_OUTPUT_ROLES = frozenset({"o", "down"})
 # Role of the norm whose output only the LM head reads (scaled by 1/k under tiling with a tied head).
 HEAD_INPUT_NORM_ROLE = "final_norm"
+# Role of the token embedding: the tensor ``embed_scale`` (when an adapter has one) multiplies.
+EMBED_ROLE = "embed"
 
 
 @dataclass(frozen=True)
@@ -211,6 +216,19 @@ class ArchAdapter:
             block's query rows by old scale / new scale, which keeps q.k * scale unchanged.
         config_options: config attribute -> :class:`ConfigOption`, every option of the family's config
             class that changes the maths; checked by :meth:`check_options` before growing.
+        norm_offset: the norms compute ``x_hat * (norm_offset + weight)`` (Gemma's RMSNorm: 1.0); the
+            growth scales the effective gain ``norm_offset + weight`` and stores ``c * (norm_offset +
+            weight) - norm_offset`` (applied once, in :func:`progtrain.growth.grow`, to every tensor
+            with a ``hidden.gain`` axis).
+        embed_scale: ``(config, hidden_size) -> float``, the factor the model multiplies the token
+            embedding's output by at width ``hidden_size`` (Gemma: ``sqrt(hidden_size)``); None = 1.
+            When the width changes the growth multiplies the ``embed`` rows by old / new factor (and a
+            tied head's input norm by its inverse), so the stream is unchanged.
+        hidden_follow_keys: config attributes that equal the hidden size and follow it when it grows
+            (OPT ``word_embed_proj_dim`` without projections); left alone when they differ from it.
+        for_config: ``(adapter, config) -> adapter``, the adapter of one config when the parameter
+            layout depends on config values (OPT's optional ``project_in``/``project_out``);
+            :func:`get_adapter` applies it. None: the same adapter for every config.
     """
 
     name: str
@@ -229,6 +247,10 @@ class ArchAdapter:
     default_ffn: Callable[[PretrainedConfig], int] | None = None
     attention_scale: Callable[[PretrainedConfig, int, int], float] = default_attention_scale
     config_options: dict[str, ConfigOption] = field(default_factory=dict)
+    norm_offset: float = 0.0
+    embed_scale: Callable[[PretrainedConfig, int], float] | None = None
+    hidden_follow_keys: tuple[str, ...] = ()
+    for_config: Callable[["ArchAdapter", PretrainedConfig], "ArchAdapter"] | None = None
     _layer_re: re.Pattern | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -300,7 +322,11 @@ class ArchAdapter:
         new = copy.deepcopy(config)
         k = self.config_keys
         try:
+            old_hidden = getattr(config, k["hidden"])
             setattr(new, k["hidden"], sizes.hidden)
+            for key in self.hidden_follow_keys:
+                if getattr(config, key, None) == old_hidden:
+                    setattr(new, key, sizes.hidden)
             setattr(new, k["heads"], sizes.heads)
             if k.get("kv_heads"):
                 setattr(new, k["kv_heads"], sizes.kv_heads)
@@ -481,7 +507,8 @@ def get_adapter(model_or_config: PreTrainedModel | PretrainedConfig) -> ArchAdap
             f"{', '.join(supported_model_types())}. To add a family, write an adapter module in "
             f"progtrain/arch/ (see progtrain/arch/llama.py)."
         )
-    return _REGISTRY[mt]
+    adapter = _REGISTRY[mt]
+    return adapter if adapter.for_config is None else adapter.for_config(adapter, config)
 
 
 def iter_params(model: PreTrainedModel) -> Iterator[tuple[str, torch.nn.Parameter]]:

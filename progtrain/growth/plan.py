@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..arch.base import HEAD_INPUT_NORM_ROLE, ArchAdapter, Sizes
+from ..arch.base import EMBED_ROLE, HEAD_INPUT_NORM_ROLE, ArchAdapter, Sizes
 
 if TYPE_CHECKING:
     from .spec import GrowthPlan
@@ -112,6 +112,7 @@ class SpaceMaps:
     layer_new: list[bool]
     eps_scale: float = 1.0
     q_scale: list[float] | None = None  # per grown layer: multiplier of the old query rows
+    embed_mult: float = 1.0  # multiplier of the embedding rows: old / new adapter.embed_scale
     _cache: dict = field(default_factory=dict, repr=False)
 
     layer_init: list[str | None] = field(default_factory=list)  # per grown layer: GrowthPlan.layer_init
@@ -134,9 +135,13 @@ class SpaceMaps:
             law(cfg, j, src.head_dim) / law(cfg, i, tgt.head_dim) if preserve else 1.0
             for i, j in enumerate(layer_src)
         ]
+        # keep the stream when the model multiplies the embedding by a width-dependent factor
+        embed_mult = 1.0
+        if preserve and adapter.embed_scale is not None:
+            embed_mult = adapter.embed_scale(cfg, src.hidden) / adapter.embed_scale(cfg, tgt.hidden)
         return cls(
             adapter, src, tgt, preserve, tied_head, plan.hidden_mode, q_src, kv_src, layer_src,
-            list(plan.layer_new), plan.eps_scale, q_scale, layer_init=list(plan.layer_init),
+            list(plan.layer_new), plan.eps_scale, q_scale, embed_mult=embed_mult, layer_init=list(plan.layer_init),
         )
 
     # ------------------------------------------------------------------ exactness
@@ -147,6 +152,13 @@ class SpaceMaps:
         notes = []
         if not self.preserve:
             notes.append("the init strategy does not preserve the function")
+        if self.preserve and self.hidden_mode == "pad" and not self.adapter.config_keys.get("norm_eps"):
+            notes.append(
+                f"{self.adapter.name} norms have a fixed epsilon (not a config option), which non-integer "
+                f"widening ({self.src.hidden}->{self.tgt.hidden}) would have to scale by "
+                f"{self.src.hidden}/{self.tgt.hidden}: approximate by about eps / (stream variance); integer "
+                f"multiples are exact"
+            )
         if not self.adapter.pre_norm:
             if self.hidden_mode == "pad":
                 notes.append(
@@ -175,7 +187,7 @@ class SpaceMaps:
         qs = 1.0
         if tag in ("q.out", "qkv.out") and layer is not None and self.q_scale is not None:
             qs = self.q_scale[layer]
-        key = (tag, role == HEAD_INPUT_NORM_ROLE, qs)
+        key = (tag, role == HEAD_INPUT_NORM_ROLE, role == EMBED_ROLE, qs)
         if key not in self._cache:
             self._cache[key] = self._make_plan(tag, role, qs)
         return self._cache[key]
@@ -197,23 +209,31 @@ class SpaceMaps:
         d, D = self.src.hidden, self.tgt.hidden
         if self.hidden_mode == "same":
             return _plan(list(range(d)))
+        # the embedding rows times embed_mult keep the stream; a tied head reads them, so the norm
+        # before it takes the inverse
+        m = 1.0
+        if self.preserve and kind != "in":
+            if role == EMBED_ROLE and kind == "out":
+                m = self.embed_mult
+            elif role == HEAD_INPUT_NORM_ROLE and self.tied_head:
+                m = 1.0 / self.embed_mult
         if self.hidden_mode == "tile":
             k = D // d
             src = torch.arange(D) % d
             if kind == "in":
                 return _plan(src, scale=1.0 / k, group=src)
             scale = 1.0 / k if (role == HEAD_INPUT_NORM_ROLE and self.tied_head) else 1.0
-            return _plan(src, scale=scale)
+            return _plan(src, scale=scale * m)
         # pad: exact for pre-norm families with the norm-gain/eps compensation, see DESIGN.md 3
         if not self.preserve:
             return _plan(_pad(d, D), new_fill=FREE)
         if kind == "out":
-            return _plan(_pad(d, D), new_fill=MEAN if self.adapter.norm == "layernorm" else ZERO)
+            return _plan(_pad(d, D), scale=m, new_fill=MEAN if self.adapter.norm == "layernorm" else ZERO)
         if kind == "in":
             return _plan(_pad(d, D), new_fill=FREE)
         if kind == "gain":
-            return _plan(_pad(d, D), scale=math.sqrt(d / D), new_fill=MEAN)
-        return _plan(_pad(d, D), new_fill=ZERO)  # shift
+            return _plan(_pad(d, D), scale=math.sqrt(d / D) * m, new_fill=MEAN)
+        return _plan(_pad(d, D), scale=m, new_fill=ZERO)  # shift
 
     def _head_plan(self, part: str, q_scale: float = 1.0) -> AxisPlan:
         s, t, keep = self.src, self.tgt, self.preserve
