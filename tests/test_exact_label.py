@@ -24,7 +24,7 @@ from progtrain.cli import main
 from progtrain.errors import ProgtrainConfigError, UnsupportedArchitectureError
 from progtrain.io import read_growth_history
 from progtrain.verify import measure_deviation, tolerance_for
-from tiny_models import FAMILIES, perturb, tiny_model
+from tiny_models import FAMILIES, LLAMA_LIKE_TINY, perturb, tiny_model
 
 TOL = 1e-5  # max |dlogits| relative to max |logits|, fp32
 
@@ -153,6 +153,11 @@ def _cfg_model(family: str, **opts):
                       "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}[family]
         m = Model(Cfg(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                       num_hidden_layers=2, vocab_size=101, **opts))
+    elif family in LLAMA_LIKE_TINY:
+        cfg_cls, head_cls, _, extra, _ = LLAMA_LIKE_TINY[family]
+        m = getattr(T, head_cls)(getattr(T, cfg_cls)(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                                     intermediate_size=64, num_hidden_layers=2, vocab_size=101,
+                                                     **{**extra, **opts}))
     else:
         m = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
                                                  num_hidden_layers=2, vocab_size=101, **opts))
@@ -213,6 +218,19 @@ MODELLED = [
     ("gpt_neox", "hidden_act", dict(hidden_act="relu")),
     ("gpt_neox", "tie_word_embeddings", dict(tie_word_embeddings=True)),
     ("gpt_neox", "chunk_size_feed_forward", dict(chunk_size_feed_forward=4)),
+    ("qwen3", "attention_bias", dict(attention_bias=True)),
+    ("qwen3", "use_sliding_window", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    ("qwen3", "layer_types", dict(layer_types=["sliding_attention", "full_attention"], use_sliding_window=True,
+                                  sliding_window=4)),
+    ("qwen3", "sliding_window", dict(use_sliding_window=True, sliding_window=8, max_window_layers=0)),
+    ("qwen3", "max_window_layers", dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)),
+    ("qwen3", "rope_parameters", dict(rope_parameters=dict(rope_type="yarn", factor=2.0, **ROPE,
+                                                           original_max_position_embeddings=16))),
+    ("qwen3", "head_dim", dict(head_dim=16)),
+    ("qwen3", "hidden_act", dict(hidden_act="gelu")),
+    ("qwen3", "tie_word_embeddings", dict(tie_word_embeddings=True)),
+    ("qwen3", "chunk_size_feed_forward", dict(chunk_size_feed_forward=4)),
+    ("qwen3", "rms_norm_eps", dict(rms_norm_eps=0.5)),  # the q/k norms share it: non-integer widening compensates
 ]
 REFUSED = [
     ("gpt2", "add_cross_attention", dict(add_cross_attention=True)),

@@ -1,13 +1,15 @@
 """Function preservation of every operator, alone and combined, on every supported family."""
 
 import copy
+import functools
 
 import pytest
 import torch
 
 from progtrain import grow
+from progtrain.arch import get_adapter
 from progtrain.verify import measure_deviation
-from tiny_models import tiny_model
+from tiny_models import LLAMA_LIKE_TINY, tiny_model
 
 TOL = 1e-5  # max |dlogits| relative to max |logits|, fp32
 
@@ -22,8 +24,8 @@ OPS = {
     "all": dict(hidden_size=64, num_heads=8, intermediate_size=192, num_layers=4),
 }
 
-# head_dim is tied to hidden/heads in these families; "heads" alone would shrink it
-TIED_HD = {f: dict(hidden_size=64, num_heads=8) for f in ("gpt2", "bert", "gpt_neox")}
+# where head_dim is tied to hidden/heads (no head_dim config key), "heads" alone would shrink it
+TIED_HD_HEADS = dict(hidden_size=64, num_heads=8)
 
 
 def _variants():
@@ -37,25 +39,36 @@ def _variants():
         yield fam, dict(kv=2, head=False)
     yield "gpt_neox", dict(tie=False)
     yield "gpt_neox", dict(head=False)
+    for fam in LLAMA_LIKE_TINY:
+        for kv in (4, 2, 1):  # GQA ratios 1, 2, 4
+            yield fam, dict(kv=kv, tie=kv == 2, bias=kv == 1)
+        yield fam, dict(kv=2, head=False)
 
 
 def _ops_for(fam):
     for name, kw in OPS.items():
-        if fam in TIED_HD and name == "heads":
-            kw = TIED_HD[fam]
+        if name == "heads" and not _head_dim_is_free(fam):
+            kw = TIED_HD_HEADS
         if fam == "gpt_neox" and name == "all":
             kw = {k: v for k, v in kw.items() if k != "num_heads"}  # rotary: heads follow the width
         yield name, kw
 
 
+@functools.lru_cache(maxsize=None)
+def _head_dim_is_free(fam):
+    return get_adapter(tiny_model(fam).config).head_dim_is_free()
+
+
 CASES = [(fam, var, name, kw) for fam, var in _variants() for name, kw in _ops_for(fam)]
 
+# (family, op) growths that are approximate by construction, with the reason the growth reports
+APPROXIMATE = {
+    **{("bert", op): "is post-norm" for op in ("hidden_x1.5", "depth_interleave", "depth_top", "depth_idx", "all")},
+}
 
-def _expected_exact(fam, kw):
-    post_norm = fam == "bert"
-    nonint = kw.get("hidden_size") == 48
-    depth = "num_layers" in kw
-    return not (post_norm and (nonint or depth))
+
+def _expected_exact(fam, op):
+    return (fam, op) not in APPROXIMATE
 
 
 @pytest.mark.parametrize("fam,var,op,kw", CASES, ids=[f"{f}-{'-'.join(f'{k}{v}' for k, v in v.items())}-{o}" for f, v, o, _ in CASES])
@@ -63,7 +76,9 @@ def test_growth_preserves_function(fam, var, op, kw):
     model = tiny_model(fam, **var)
     res = grow(model, **kw, seed=1)
     dev = res.deviation
-    assert res.exact == _expected_exact(fam, kw), res.notes
+    assert res.exact == _expected_exact(fam, op), res.notes
+    if not res.exact:
+        assert any(APPROXIMATE[fam, op] in n for n in res.notes), res.notes
     # the reported deviation is what an independent measurement gives
     again = measure_deviation(model, res.model, maps=res.maps, seed=1)
     assert again["max_abs"] == pytest.approx(dev["max_abs"], rel=1e-6, abs=1e-12)

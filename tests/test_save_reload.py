@@ -22,6 +22,8 @@ CASES = {
     "mistral": ("mistral", dict(kv=1), dict(num_heads=8, num_kv_heads=2), "AutoModelForCausalLM"),
     "qwen2": ("qwen2", dict(kv=2), dict(hidden_size=64, num_layers=3), "AutoModelForCausalLM"),
     "gpt_neox": ("gpt_neox", dict(), dict(hidden_size=64, num_layers=3), "AutoModelForCausalLM"),
+    "qwen3": ("qwen3", dict(kv=2, bias=True), dict(hidden_size=48, num_heads=8, num_layers=3), "AutoModelForCausalLM"),
+    "qwen3_base": ("qwen3", dict(kv=1, head=False), dict(hidden_size=64, num_kv_heads=2), "AutoModel"),
 }
 
 RELOAD = textwrap.dedent(

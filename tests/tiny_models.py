@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 import transformers as T
 
-FAMILIES = ("gpt2", "bert", "llama", "mistral", "qwen2", "gpt_neox")
+FAMILIES = ("gpt2", "bert", "llama", "mistral", "qwen2", "gpt_neox", "qwen3")
+
+# families built from one config class with llama-like keywords: (config, causal LM, base model, extra
+# config keywords, keyword of the bias switch or None); vocab 101 so every special token id fits
+LLAMA_LIKE_TINY = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "Qwen3Model", dict(head_dim=8), ("attention_bias",)),
+}
 
 
 def tiny_model(family: str, head: bool = True, tie: bool | None = None, kv: int = 2, bias: bool = False, seed: int = 0):
@@ -35,6 +41,12 @@ def tiny_model(family: str, head: bool = True, tie: bool | None = None, kv: int 
         cfg = T.GPTNeoXConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,
                               vocab_size=101, tie_word_embeddings=bool(tie))
         m = (T.GPTNeoXForCausalLM if head else T.GPTNeoXModel)(cfg)
+    elif family in LLAMA_LIKE_TINY:
+        cfg_cls, head_cls, base_cls, extra, bias_keys = LLAMA_LIKE_TINY[family]
+        cfg = getattr(T, cfg_cls)(hidden_size=32, num_attention_heads=4, num_key_value_heads=kv, intermediate_size=64,
+                                  num_hidden_layers=2, vocab_size=101, tie_word_embeddings=bool(tie),
+                                  **extra, **{k: bias for k in bias_keys})
+        m = getattr(T, head_cls if head else base_cls)(cfg)
     else:
         raise ValueError(family)
     return perturb(m).eval()

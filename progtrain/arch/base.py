@@ -182,6 +182,14 @@ class ArchAdapter:
             block's query rows by old scale / new scale, which keeps q.k * scale unchanged.
         config_options: config attribute -> :class:`ConfigOption`, every option of the family's config
             class that changes the maths; checked by :meth:`check_options` before growing.
+        qk_norm: where the family normalises queries and keys (roles ``q`` and ``k``) before the
+            dot product, with the config's ``norm_eps``: None (no q/k norm), ``"head"`` (over each
+            head's head_dim, Qwen3-style: exact under every growth, head_dim being fixed) or
+            ``"projection"`` (over the whole heads x head_dim projection, OLMo2-style: adding query
+            or key/value heads changes the norm's statistics, so head growth is approximate). A
+            norm divides out any row scale but the epsilon, so a non-integer widening, which scales
+            ``norm_eps`` by d/D, scales the ``q``/``k`` rows by sqrt(d/D) to keep them exact; and a
+            changed attention scale cannot be put on the query rows (reported approximate).
     """
 
     name: str
@@ -200,10 +208,13 @@ class ArchAdapter:
     default_ffn: Callable[[PretrainedConfig], int] | None = None
     attention_scale: Callable[[PretrainedConfig, int, int], float] = default_attention_scale
     config_options: dict[str, ConfigOption] = field(default_factory=dict)
+    qk_norm: str | None = None
     _layer_re: re.Pattern | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.config_options = {**COMMON_OPTIONS, **self.config_options}
+        if self.qk_norm not in (None, "head", "projection"):
+            raise ValueError(f"{self.name}: qk_norm must be None, 'head' or 'projection', got {self.qk_norm!r}")
 
     # ------------------------------------------------------------------ sizes and config
     def read_sizes(self, config: PretrainedConfig) -> Sizes:

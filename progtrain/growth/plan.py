@@ -90,6 +90,15 @@ def _gqa_head_maps(h: int, kv: int, h2: int, kv2: int) -> tuple[list[int], list[
     return q_src, kv_src
 
 
+def _changes_projection_statistics(heads_src: list[int]) -> bool:
+    """True when a norm over a whole attention projection sees other statistics after a head growth:
+    some grown head is new, or the old heads are copied unequally often (equal copies keep the mean)."""
+    if any(h < 0 for h in heads_src):
+        return True
+    counts = {h: heads_src.count(h) for h in set(heads_src)}
+    return len(set(counts.values())) > 1
+
+
 @dataclass
 class SpaceMaps:
     """Everything the operators need to know about one growth, independent of any tensor.
@@ -175,6 +184,20 @@ class SpaceMaps:
                     f"`progtrain train` stage with `fade_in_steps: N` (each new block starts as "
                     f"h + m*(block(h) - h) at m = 0 and is faded in over N steps)"
                 )
+        qk_norm = self.adapter.qk_norm
+        if qk_norm and self.preserve and any(abs(q - 1.0) > 1e-12 for q in self.q_scale or ()):
+            notes.append(
+                f"{self.adapter.name} normalises queries before the dot product: the attention-scale "
+                f"change of this growth cannot be carried by the query rows, so it is approximate"
+            )
+        if qk_norm == "projection" and self.preserve:
+            for what, heads_src in (("query", self.q_src), ("key/value", self.kv_src)):
+                if _changes_projection_statistics(heads_src):
+                    notes.append(
+                        f"{self.adapter.name} normalises its {what} projection over all heads together: "
+                        f"new {what} heads change that norm's statistics, so growing them is approximate "
+                        f"(grow hidden size, FFN or depth for an exact growth)"
+                    )
         return notes
 
     # ------------------------------------------------------------------ axis plans
@@ -184,12 +207,15 @@ class SpaceMaps:
         qs = 1.0
         if tag in ("q.out", "qkv.out") and layer is not None and self.q_scale is not None:
             qs = self.q_scale[layer]
-        key = (tag, role == HEAD_INPUT_NORM_ROLE, qs)
+        # q/k rows read by a q/k norm sharing the stream norms' epsilon (scaled by d/D on a non-integer
+        # widening): scaling the rows by sqrt(d/D) gives the norm its old epsilon back
+        rs = math.sqrt(self.eps_scale) if (self.adapter.qk_norm and role in ("q", "k")) else 1.0
+        key = (tag, role == HEAD_INPUT_NORM_ROLE, qs, rs)
         if key not in self._cache:
-            self._cache[key] = self._make_plan(tag, role, qs)
+            self._cache[key] = self._make_plan(tag, role, qs, rs)
         return self._cache[key]
 
-    def _make_plan(self, tag: str, role: str, q_scale: float = 1.0) -> AxisPlan:
+    def _make_plan(self, tag: str, role: str, q_scale: float = 1.0, row_scale: float = 1.0) -> AxisPlan:
         s, t, keep = self.src, self.tgt, self.preserve
         space, _, kind = tag.partition(".")
         if space == "hidden":
@@ -199,7 +225,7 @@ class SpaceMaps:
         if tag == "qkv.out":
             return self._fused_qkv_plan(q_scale)
         if space in ("q", "k", "v", "o"):
-            return self._head_plan(space, q_scale)
+            return self._head_plan(space, q_scale, row_scale)
         raise ValueError(f"no plan for axis tag {tag!r}")
 
     def _hidden_plan(self, kind: str, role: str) -> AxisPlan:
@@ -224,7 +250,7 @@ class SpaceMaps:
             return _plan(_pad(d, D), scale=math.sqrt(d / D), new_fill=MEAN)
         return _plan(_pad(d, D), new_fill=ZERO)  # shift
 
-    def _head_plan(self, part: str, q_scale: float = 1.0) -> AxisPlan:
+    def _head_plan(self, part: str, q_scale: float = 1.0, row_scale: float = 1.0) -> AxisPlan:
         s, t, keep = self.src, self.tgt, self.preserve
         heads_src = self.kv_src if part in ("k", "v") else self.q_src
         hd, hd2 = s.head_dim, t.head_dim
@@ -247,6 +273,8 @@ class SpaceMaps:
                         fill.append(FREE)
         # q_scale (attention-scale law: sqrt(hd2/hd) for a wider head under 1/sqrt(head_dim)) keeps q.k * scale
         scale = q_scale if (keep and part == "q") else 1.0
+        if part in ("q", "k"):
+            scale *= row_scale  # 1 unless a q/k norm needs its epsilon compensated (see plan())
         p = _plan(src, scale=scale)
         p.fill = torch.tensor(fill, dtype=torch.int8)
         return p
