@@ -231,6 +231,17 @@ MODELLED = [
     ("qwen3", "tie_word_embeddings", dict(tie_word_embeddings=True)),
     ("qwen3", "chunk_size_feed_forward", dict(chunk_size_feed_forward=4)),
     ("qwen3", "rms_norm_eps", dict(rms_norm_eps=0.5)),  # the q/k norms share it: non-integer widening compensates
+    ("phi3", "rope_parameters", dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=0.5, **ROPE))),
+    ("phi3", "rope_parameters", dict(rope_parameters=dict(rope_type="longrope", short_factor=[1.0, 1.5, 2.0, 2.5],
+                                                          long_factor=[2.0, 3.0, 4.0, 5.0], **ROPE),
+                                     original_max_position_embeddings=16, max_position_embeddings=64)),
+    ("phi3", "original_max_position_embeddings", dict(
+        rope_parameters=dict(rope_type="longrope", short_factor=[1.0] * 4, long_factor=[3.0] * 4, **ROPE),
+        original_max_position_embeddings=8, max_position_embeddings=64)),
+    ("phi3", "hidden_act", dict(hidden_act="gelu")),
+    ("phi3", "sliding_window", dict(sliding_window=4)),
+    ("phi3", "tie_word_embeddings", dict(tie_word_embeddings=True)),
+    ("phi3", "chunk_size_feed_forward", dict(chunk_size_feed_forward=4)),
 ]
 REFUSED = [
     ("gpt2", "add_cross_attention", dict(add_cross_attention=True)),

@@ -19,6 +19,7 @@ axis tag            meaning
 ``k.out``/``v.out`` key/value heads x head_dim produced
 ``o.in``            attention heads x head_dim consumed by the output projection
 ``qkv.out``         fused q|k|v output; its layout is the adapter's ``fused_qkv`` field
+``gate_up.out``     fused [gate | up] FFN output: two halves of FFN units each (Phi-3)
 ``None``            a dimension that never grows (vocab, positions, token types)
 ==================  ============================================================================
 
@@ -62,6 +63,7 @@ AXIS_TAGS = frozenset(
         "v.out",
         "o.in",
         "qkv.out",
+        "gate_up.out",
     }
 )
 
@@ -169,8 +171,9 @@ class ArchAdapter:
             (GPT-2, Llama); False for post-norm (BERT), where identity blocks and non-integer
             widening are approximate.
         rotary: True when positions are rotary (head_dim must stay fixed).
-        fused_qkv: layout of a fused q|k|v projection: ``"concat"`` ([q|k|v] along the output, GPT-2)
-            or ``"per_head"`` ((heads, 3, head_dim), GPT-NeoX); None when q, k, v are separate.
+        fused_qkv: layout of a fused q|k|v projection: ``"concat"`` ([q|k|v] along the output, GPT-2;
+            k and v have ``kv_heads`` heads each, Phi-3) or ``"per_head"`` ((heads, 3, head_dim),
+            GPT-NeoX); None when q, k, v are separate.
         per_layer_config_keys: config attributes holding one entry per layer (rebuilt on depth growth:
             each grown layer takes the entry of the old layer it comes from).
         layer_threshold_config_keys: config attributes holding a layer index from which layers behave

@@ -90,6 +90,18 @@ def _gqa_head_maps(h: int, kv: int, h2: int, kv2: int) -> tuple[list[int], list[
     return q_src, kv_src
 
 
+def _concat_plans(parts: list[AxisPlan], old_sizes: list[int]) -> AxisPlan:
+    """The plan of an axis that concatenates several spaces (fused [q|k|v], [gate|up]): part ``i``'s
+    plan, its old indices shifted by the old sizes of the parts before it."""
+    src, offset = [], 0
+    for p, n in zip(parts, old_sizes):
+        src.append(torch.where(p.src >= 0, p.src + offset, p.src))
+        offset += n
+    return AxisPlan(
+        torch.cat(src), torch.cat([p.scale for p in parts]), torch.cat([p.fill for p in parts])
+    )
+
+
 def _changes_projection_statistics(heads_src: list[int]) -> bool:
     """True when a norm over a whole attention projection sees other statistics after a head growth:
     some grown head is new, or the old heads are copied unequally often (equal copies keep the mean)."""
@@ -224,6 +236,9 @@ class SpaceMaps:
             return _plan(_pad(s.ffn, t.ffn), new_fill=FREE if (kind == "out" or not keep) else ZERO)
         if tag == "qkv.out":
             return self._fused_qkv_plan(q_scale)
+        if tag == "gate_up.out":  # [gate | up]: the FFN plan in each half
+            ffn = self._make_plan("ffn.out", role)
+            return _concat_plans([ffn, ffn], [s.ffn, s.ffn])
         if space in ("q", "k", "v", "o"):
             return self._head_plan(space, q_scale, row_scale)
         raise ValueError(f"no plan for axis tag {tag!r}")
@@ -282,21 +297,23 @@ class SpaceMaps:
     def _fused_qkv_plan(self, q_scale: float = 1.0) -> AxisPlan:
         s, t = self.src, self.tgt
         parts = [self._head_plan(x, q_scale) for x in ("q", "k", "v")]
-        n_old, n_new = s.heads * s.head_dim, t.heads * t.head_dim
         hd, hd2 = s.head_dim, t.head_dim
         layout = self.adapter.fused_qkv
+        if layout == "concat":  # [q | k | v], k and v with kv_heads heads (GQA) or heads
+            kv_old = s.kv_heads * hd
+            return _concat_plans(parts, [s.heads * hd, kv_old, kv_old])
+        if s.kv_heads != s.heads or t.kv_heads != t.heads:
+            raise ValueError("a per-head fused q|k|v layout has one k and one v per query head (no GQA)")
         src, scale, fill = [], [], []
-        for n in range(3 * n_new):
-            if layout == "concat":
-                p, r = divmod(n, n_new)
-            else:  # per_head: (heads, 3, head_dim)
-                h2, rem = divmod(n, 3 * hd2)
-                p, e = divmod(rem, hd2)
-                r = h2 * hd2 + e
+        for n in range(3 * t.heads * hd2):
+            # per_head: (heads, 3, head_dim)
+            h2, rem = divmod(n, 3 * hd2)
+            p, e = divmod(rem, hd2)
+            r = h2 * hd2 + e
             plan = parts[p]
             o = int(plan.src[r])
             if o >= 0:
-                o = p * n_old + o if layout == "concat" else (o // hd) * 3 * hd + p * hd + o % hd
+                o = (o // hd) * 3 * hd + p * hd + o % hd
             src.append(o)
             scale.append(float(plan.scale[r]))
             fill.append(int(plan.fill[r]))
