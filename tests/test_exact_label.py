@@ -231,6 +231,16 @@ MODELLED = [
     ("qwen3", "tie_word_embeddings", dict(tie_word_embeddings=True)),
     ("qwen3", "chunk_size_feed_forward", dict(chunk_size_feed_forward=4)),
     ("qwen3", "rms_norm_eps", dict(rms_norm_eps=0.5)),  # the q/k norms share it: non-integer widening compensates
+    ("granite", "attention_bias", dict(attention_bias=True)),
+    ("granite", "mlp_bias", dict(mlp_bias=True)),
+    ("granite", "embedding_multiplier", dict(embedding_multiplier=0.05)),
+    ("granite", "residual_multiplier", dict(residual_multiplier=3.0)),
+    ("granite", "attention_multiplier", dict(attention_multiplier=1.0)),  # far from 1/sqrt(head_dim)
+    ("granite", "logits_scaling", dict(logits_scaling=0.25)),
+    ("granite", "rope_parameters", dict(rope_parameters=dict(rope_type="linear", factor=2.0, **ROPE))),
+    ("granite", "hidden_act", dict(hidden_act="relu")),
+    ("granite", "tie_word_embeddings", dict(tie_word_embeddings=True)),
+    ("granite", "chunk_size_feed_forward", dict(chunk_size_feed_forward=4)),
     ("phi3", "rope_parameters", dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=0.5, **ROPE))),
     ("phi3", "rope_parameters", dict(rope_parameters=dict(rope_type="longrope", short_factor=[1.0, 1.5, 2.0, 2.5],
                                                           long_factor=[2.0, 3.0, 4.0, 5.0], **ROPE),

@@ -24,6 +24,8 @@ CASES = {
     "gpt_neox": ("gpt_neox", dict(), dict(hidden_size=64, num_layers=3), "AutoModelForCausalLM"),
     "qwen3": ("qwen3", dict(kv=2, bias=True), dict(hidden_size=48, num_heads=8, num_layers=3), "AutoModelForCausalLM"),
     "qwen3_base": ("qwen3", dict(kv=1, head=False), dict(hidden_size=64, num_kv_heads=2), "AutoModel"),
+    "granite": ("granite", dict(kv=2, bias=True), dict(hidden_size=64, num_heads=8, num_layers=3), "AutoModelForCausalLM"),
+    "granite_tied": ("granite", dict(kv=1, tie=True), dict(hidden_size=48, intermediate_size=96), "AutoModelForCausalLM"),
     "phi3": ("phi3", dict(kv=2), dict(hidden_size=64, num_heads=8, num_kv_heads=4, intermediate_size=96,
                                       num_layers=3), "AutoModelForCausalLM"),
     "phi3_tied": ("phi3", dict(kv=1, tie=True), dict(hidden_size=48), "AutoModelForCausalLM"),
