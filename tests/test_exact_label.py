@@ -241,6 +241,13 @@ MODELLED = [
     ("granite", "hidden_act", dict(hidden_act="relu")),
     ("granite", "tie_word_embeddings", dict(tie_word_embeddings=True)),
     ("granite", "chunk_size_feed_forward", dict(chunk_size_feed_forward=4)),
+    ("olmo2", "attention_bias", dict(attention_bias=True)),
+    ("olmo2", "rms_norm_eps", dict(rms_norm_eps=0.05)),  # shared by the q/k norms: non-integer widening compensates
+    ("olmo2", "head_dim", dict(head_dim=16)),
+    ("olmo2", "rope_parameters", dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=0.5, **ROPE))),
+    ("olmo2", "hidden_act", dict(hidden_act="gelu")),
+    ("olmo2", "tie_word_embeddings", dict(tie_word_embeddings=True)),
+    ("olmo2", "chunk_size_feed_forward", dict(chunk_size_feed_forward=4)),
     ("phi3", "rope_parameters", dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=0.5, **ROPE))),
     ("phi3", "rope_parameters", dict(rope_parameters=dict(rope_type="longrope", short_factor=[1.0, 1.5, 2.0, 2.5],
                                                           long_factor=[2.0, 3.0, 4.0, 5.0], **ROPE),
@@ -288,6 +295,10 @@ def test_every_declared_option_has_a_test_row():
         assert not missing, f"{family}: declared options without a test: {missing}"
 
 
+# family -> {axis of _axes(): what its notes say}: growths approximate by construction in a pre-norm family
+APPROXIMATE_AXES = {"olmo2": {"heads": "normalises its query projection over all heads"}}
+
+
 @pytest.mark.parametrize("family,option,opts", MODELLED, ids=[f"{f}-{o}-{i}" for i, (f, o, _) in enumerate(MODELLED)])
 def test_modelled_option_growth_label_matches_measurement(family, option, opts):
     model = _cfg_model(family, **opts)
@@ -301,7 +312,9 @@ def test_modelled_option_growth_label_matches_measurement(family, option, opts):
         assert again["max_abs"] == pytest.approx(dev["max_abs"], rel=1e-6, abs=1e-12)
         # declared-modelled options never make an expected-exact growth deviate
         assert res.exact == res.expected_exact, (axis, option, dev, res.notes)
-        if not post_norm:
+        if axis in APPROXIMATE_AXES.get(family, {}):
+            assert not res.exact and any(APPROXIMATE_AXES[family][axis] in n for n in res.notes), (axis, res.notes)
+        elif not post_norm:
             assert res.exact, (axis, option, dev, res.notes)
 
 

@@ -109,3 +109,45 @@ def test_granite_multipliers_matter():
     with torch.no_grad():
         a, b = model(ids).logits, plain.eval()(ids).logits
     assert (a - b).abs().max() > 0.1 * a.abs().max()
+
+
+# ---------------------------------------------------------------------- OLMo2: norms after the sub-layers, projection-wide q/k norms
+def _olmo2(eps: float = 1e-5, kv: int = 2):
+    torch.manual_seed(0)
+    cfg = T.Olmo2Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=kv, intermediate_size=64,
+                        num_hidden_layers=2, vocab_size=101, pad_token_id=0, rms_norm_eps=eps)
+    return perturb(T.Olmo2ForCausalLM(cfg)).eval()
+
+
+@pytest.mark.parametrize("hidden", [64, 48, 40])
+def test_olmo2_widening_keeps_heads_and_is_exact(hidden, tmp_path):
+    """Widening writes head_dim into the config (Olmo2 reads it) so heads and rotary stay; the branch
+    norms and the projection-wide q/k norms keep their outputs (q/k rows compensate the epsilon)."""
+    model = _olmo2(eps=0.5)  # a large epsilon makes a missed compensation visible
+    res = grow(model, hidden_size=hidden)
+    cfg = res.model.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 2, 8)
+    assert res.model.model.layers[0].self_attn.q_norm.weight.shape == (32,)
+    assert res.exact and res.deviation["rel"] <= TOL, res.notes
+    cfg.save_pretrained(tmp_path)
+    assert T.AutoConfig.from_pretrained(tmp_path).head_dim == 8
+
+
+def test_olmo2_new_heads_are_reported_approximate_kv_copies_exact():
+    model = _olmo2()
+    res = grow(model, num_heads=8)  # new query heads enter the q norm's mean
+    assert res.expected_exact is False and res.exact is False and res.deviation["rel"] > TOL
+    assert any("normalises its query projection over all heads" in n for n in res.notes)
+    res = grow(model, num_kv_heads=4)  # each kv head copied twice: the k norm's mean is unchanged
+    assert res.maps.kv_src == [0, 0, 1, 1]
+    assert res.expected_exact and res.exact and res.deviation["rel"] <= TOL
+
+
+def test_olmo2_new_block_is_identity_through_its_post_norms():
+    """A new block has zero o/down: the post-sub-layer RMSNorms see zero and write zero."""
+    model = _olmo2()
+    res = grow(model, num_layers=4, layer_placement="top")
+    new = res.model.model.layers[3]
+    assert not new.self_attn.o_proj.weight.any() and not new.mlp.down_proj.weight.any()
+    assert new.post_attention_layernorm.weight.any()  # norms keep their gains (trainable, not dead)
+    assert res.exact and res.deviation["rel"] <= TOL
