@@ -22,6 +22,7 @@ from progtrain.arch.base import default_attention_scale
 from progtrain.card import render_model_card
 from progtrain.cli import main
 from progtrain.errors import ProgtrainConfigError, UnsupportedArchitectureError
+from progtrain.growth.spec import GrowthSpec
 from progtrain.io import read_growth_history
 from progtrain.verify import measure_deviation, tolerance_for
 from tiny_models import FAMILIES, LLAMA_LIKE_TINY, perturb, tiny_model
@@ -248,6 +249,16 @@ MODELLED = [
     ("olmo2", "hidden_act", dict(hidden_act="gelu")),
     ("olmo2", "tie_word_embeddings", dict(tie_word_embeddings=True)),
     ("olmo2", "chunk_size_feed_forward", dict(chunk_size_feed_forward=4)),
+    ("stablelm", "rope_parameters", dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=0.5, **ROPE))),
+    ("stablelm", "rope_parameters", dict(rope_parameters=dict(rope_type="linear", factor=2.0, partial_rotary_factor=0.25,
+                                                              **ROPE))),
+    ("stablelm", "use_qkv_bias", dict(use_qkv_bias=True)),
+    ("stablelm", "use_parallel_residual", dict(use_parallel_residual=True)),
+    ("stablelm", "qk_layernorm", dict(qk_layernorm=True)),  # FFN and depth exact, head-changing growths refused
+    ("stablelm", "qk_layernorm", dict(qk_layernorm=True, use_parallel_residual=True, use_qkv_bias=True)),
+    ("stablelm", "hidden_act", dict(hidden_act="gelu")),
+    ("stablelm", "tie_word_embeddings", dict(tie_word_embeddings=True)),
+    ("stablelm", "chunk_size_feed_forward", dict(chunk_size_feed_forward=4)),
     ("phi3", "rope_parameters", dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=0.5, **ROPE))),
     ("phi3", "rope_parameters", dict(rope_parameters=dict(rope_type="longrope", short_factor=[1.0, 1.5, 2.0, 2.5],
                                                           long_factor=[2.0, 3.0, 4.0, 5.0], **ROPE),
@@ -302,8 +313,18 @@ APPROXIMATE_AXES = {"olmo2": {"heads": "normalises its query projection over all
 @pytest.mark.parametrize("family,option,opts", MODELLED, ids=[f"{f}-{o}-{i}" for i, (f, o, _) in enumerate(MODELLED)])
 def test_modelled_option_growth_label_matches_measurement(family, option, opts):
     model = _cfg_model(family, **opts)
-    post_norm = not get_adapter(model).pre_norm
+    adapter = get_adapter(model)
+    post_norm = not adapter.pre_norm
+    src = adapter.read_sizes(model.config)
+    # sizes a set option fixes (ConfigOption.fixes): a growth that changes them is refused, naming it
+    fixed = {f: o for o, opt in adapter.config_options.items() if getattr(model.config, o, None) for f in opt.fixes}
     for axis, kw in _axes(model).items():
+        tgt = GrowthSpec(**kw).resolve(src, adapter)
+        changed = [f for f in fixed if getattr(tgt, f) != getattr(src, f)]
+        if changed:
+            with pytest.raises(UnsupportedArchitectureError, match=f"config.{fixed[changed[0]]}="):
+                grow(model, **kw)
+            continue
         res = grow(model, **kw, seed=1)
         dev = res.deviation
         # the label is the measurement, and an independent measurement gives the same numbers

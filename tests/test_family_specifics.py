@@ -151,3 +151,39 @@ def test_olmo2_new_block_is_identity_through_its_post_norms():
     assert not new.self_attn.o_proj.weight.any() and not new.mlp.down_proj.weight.any()
     assert new.post_attention_layernorm.weight.any()  # norms keep their gains (trainable, not dead)
     assert res.exact and res.deviation["rel"] <= TOL
+
+
+# ---------------------------------------------------------------------- StableLM: per-head q/k LayerNorm modules
+def _stablelm(**opts):
+    torch.manual_seed(0)
+    cfg = T.StableLmConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                           num_hidden_layers=2, vocab_size=101, qk_layernorm=True, **opts)
+    return perturb(T.StableLmForCausalLM(cfg)).eval()
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_stablelm_qk_layernorm_keeps_each_head_norm_under_ffn_and_depth_growth(parallel):
+    model = _stablelm(use_parallel_residual=parallel)
+    res = grow(model, intermediate_size=96, num_layers=4, layer_placement=[1, 3])
+    new, old = res.model.model.layers, model.model.layers
+    for h in range(4):
+        assert torch.equal(new[2].self_attn.q_layernorm.norms[h].weight, old[1].self_attn.q_layernorm.norms[h].weight)
+        assert torch.equal(new[1].self_attn.q_layernorm.norms[h].weight, old[0].self_attn.q_layernorm.norms[h].weight)
+    assert res.exact and res.deviation["rel"] <= TOL
+
+
+def test_stablelm_qk_layernorm_refuses_head_changes_in_one_line(tmp_path, capsys):
+    from progtrain.cli import main
+    from progtrain.errors import UnsupportedArchitectureError
+
+    model = _stablelm()
+    for growth in (dict(hidden_size=64), dict(num_kv_heads=4)):
+        with pytest.raises(UnsupportedArchitectureError, match="config.qk_layernorm=True fixes num_"):
+            grow(model, **growth)
+    src, out = tmp_path / "src", tmp_path / "out"
+    model.save_pretrained(src)
+    capsys.readouterr()
+    code = main(["grow", str(src), str(out), "--hidden-size", "64"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "qk_layernorm" in err and "num_heads 4 -> 8" in err, err
+    assert not out.exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import transformers as T
 
-FAMILIES = ("gpt2", "bert", "llama", "mistral", "qwen2", "gpt_neox", "qwen3", "phi3", "granite", "olmo2")
+FAMILIES = ("gpt2", "bert", "llama", "mistral", "qwen2", "gpt_neox", "qwen3", "phi3", "granite", "olmo2", "stablelm")
 
 # families built from one config class with llama-like keywords: (config, causal LM, base model, extra
 # config keywords, keyword of the bias switch or None); vocab 101 so every special token id fits
@@ -16,6 +16,7 @@ LLAMA_LIKE_TINY = {
                 dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
                      logits_scaling=8.0), ("attention_bias", "mlp_bias")),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", "Olmo2Model", dict(pad_token_id=0, eos_token_id=2), ("attention_bias",)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", "StableLmModel", {}, ("use_qkv_bias",)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", "Phi3Model", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2), ()),
 }
 

@@ -1,6 +1,6 @@
 """Architecture adapters (one module per family). Importing this package registers them all."""
 
-from . import bert, gpt2, gpt_neox, granite, llama, mistral, olmo2, phi3, qwen2, qwen3  # noqa: F401  (registration side effects)
+from . import bert, gpt2, gpt_neox, granite, llama, mistral, olmo2, phi3, qwen2, qwen3, stablelm  # noqa: F401  (registration side effects)
 from .base import (
     ArchAdapter,
     ConfigOption,

@@ -103,10 +103,14 @@ class ConfigOption:
         allowed: None when every value is handled (the growth models the option and stays exact);
             otherwise the values the growth handles; any other value is refused before a tensor is
             built, with :class:`UnsupportedArchitectureError` naming the option.
+        fixes: :class:`Sizes` fields (``"heads"``, ``"kv_heads"`` ...) the growth cannot change while
+            the option is set (truthy): a growth that changes one is refused before a tensor is
+            built, naming the option (e.g. one norm module per head, named by its head index).
     """
 
     how: str
     allowed: tuple[Any, ...] | None = None
+    fixes: tuple[str, ...] = ()
 
     def accepts(self, value: Any) -> bool:
         return self.allowed is None or value in self.allowed
@@ -162,7 +166,8 @@ class ArchAdapter:
         model_types: ``config.model_type`` values this adapter handles.
         layers_path: path of the ``nn.ModuleList`` of blocks inside the base model.
         params: non-layer base-model parameters (embeddings, final norm).
-        layer_params: per-block parameters, relative to ``{layers_path}.{i}.``.
+        layer_params: per-block parameters, relative to ``{layers_path}.{i}.``; ``*`` stands for the
+            index in a module list inside the block (``self_attn.q_layernorm.norms.*.weight``).
         head_params: task-head parameters (LM head, MLM transform, pooler lives in ``params``).
         config_keys: config attribute for each size: ``hidden``, ``heads``, ``kv_heads`` (None =
             no GQA), ``ffn``, ``layers``, ``head_dim`` (None = head_dim is hidden/heads), ``norm_eps``.
@@ -282,6 +287,7 @@ class ArchAdapter:
             layer_sources = [min(i, old_layers - 1) for i in range(sizes.layers)]
         if len(layer_sources) != sizes.layers:
             raise ValueError(f"layer_sources has {len(layer_sources)} entries for {sizes.layers} layers")
+        self._check_fixed_sizes(config, sizes)
         new = copy.deepcopy(config)
         k = self.config_keys
         try:
@@ -308,6 +314,26 @@ class ArchAdapter:
         except _CONFIG_ERRORS as e:
             raise ProgtrainConfigError(self._config_error_message(config, e)) from None
         return new
+
+    def _check_fixed_sizes(self, config: PretrainedConfig, sizes: Sizes) -> None:
+        """Refuse sizes that change what a set option fixes (``ConfigOption.fixes``).
+
+        Raises:
+            UnsupportedArchitectureError: one line naming the option, the size and what can grow.
+        """
+        src = self.read_sizes(config)
+        for attr, opt in self.config_options.items():
+            if not opt.fixes or not getattr(config, attr, None):
+                continue
+            changed = [f for f in opt.fixes if getattr(sizes, f) != getattr(src, f)]
+            if changed:
+                names = {"hidden": "hidden_size", "heads": "num_heads", "kv_heads": "num_kv_heads",
+                         "head_dim": "head_dim", "ffn": "intermediate_size", "layers": "num_layers"}
+                what = ", ".join(f"{names[f]} {getattr(src, f)} -> {getattr(sizes, f)}" for f in changed)
+                raise UnsupportedArchitectureError(
+                    f"{self.name}: config.{attr}={getattr(config, attr)!r} fixes {what}: {opt.how}; keep "
+                    f"{' and '.join(names[f] for f in opt.fixes)} as they are"
+                )
 
     def target_config(
         self,
@@ -381,8 +407,12 @@ class ArchAdapter:
         if rel in self.params:
             return self.params[rel], None, rel
         m = self._layer_pattern().match(rel)
-        if m and m.group(2) in self.layer_params:
-            return self.layer_params[m.group(2)], int(m.group(1)), m.group(2)
+        if m:
+            suffix = m.group(2)
+            # a module list inside a block (one norm per head): its entries share one spec, "...norms.*.weight"
+            spec = self.layer_params.get(suffix) or self.layer_params.get(re.sub(r"(?<=\.)\d+(?=\.)", "*", suffix))
+            if spec is not None:
+                return spec, int(m.group(1)), suffix
         raise UnsupportedArchitectureError(
             f"parameter {name!r} is not described by the {self.name} adapter (a task head or module "
             f"progtrain does not know). Grow the base model or a supported head "

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ..arch.base import ArchAdapter, Sizes
-from ..errors import ProgtrainConfigError
+from ..errors import ProgtrainConfigError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -198,6 +198,8 @@ class GrowthSpec:
         sources = layer_sources(src.layers, new_layer_positions(src.layers, tgt.layers, self.layer_placement))
         try:
             return tgt, adapter.target_config(config, tgt, layer_sources=sources)
+        except UnsupportedArchitectureError:
+            raise  # the family cannot grow these sizes at all (ConfigOption.fixes): no size to suggest
         except ProgtrainConfigError as e:
             raise ProgtrainConfigError(f"{e}; {self._suggest(config, adapter, src, tgt)}") from None
 
