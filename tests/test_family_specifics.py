@@ -9,7 +9,7 @@ import transformers as T
 
 from progtrain import grow
 from progtrain.arch import get_adapter
-from tiny_models import perturb, tiny_model
+from tiny_models import LLAMA_LIKE_TINY, perturb, tiny_model
 
 TOL = 1e-5  # max |dlogits| relative to max |logits|, fp32
 
@@ -187,3 +187,18 @@ def test_stablelm_qk_layernorm_refuses_head_changes_in_one_line(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "qk_layernorm" in err and "num_heads 4 -> 8" in err, err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------- greedy generation with the KV cache
+@pytest.mark.parametrize("family", list(LLAMA_LIKE_TINY))
+def test_exact_growth_generates_the_same_tokens_with_the_kv_cache(family):
+    """Width (non-integer), FFN and interleaved depth growth: greedy generate() with the KV cache (the
+    grown layers' layer_idx must be their new indices) gives the source's tokens."""
+    model = tiny_model(family)
+    res = grow(model, hidden_size=48, intermediate_size=96, num_layers=4)
+    assert res.exact, res.notes
+    assert [layer.self_attn.layer_idx for layer in res.model.model.layers] == [0, 1, 2, 3]
+    ids = torch.randint(3, 101, (2, 5), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kw), res.model.generate(ids, **kw))
