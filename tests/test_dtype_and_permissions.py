@@ -14,6 +14,7 @@ import transformers as T
 from safetensors import safe_open
 
 from progtrain import grow
+from progtrain.arch import get_adapter
 from progtrain.cli import TOLERANCE_TEXT, main
 from progtrain.errors import ProgtrainConfigError
 from progtrain.io import read_growth_history, save_checkpoint
@@ -35,6 +36,8 @@ def sizes_for(family: str) -> dict:
         kw["num_layers"] = 4
     if adapter.config_keys.get("kv_heads"):
         kw["num_kv_heads"] = 4
+    if get_adapter(tiny_model(family).config).qk_norm == "projection":
+        del kw["num_heads"]  # new heads change a projection-wide q/k norm: approximate by construction
     return kw
 
 

@@ -31,6 +31,19 @@ CASES = {
     "gptj": ("gptj", dict(), dict(hidden_size=48, intermediate_size=192, num_layers=3), "AutoModelForCausalLM"),
     "roberta_mlm": ("roberta", dict(), dict(hidden_size=64, num_heads=8), "AutoModelForMaskedLM"),
     "roberta_base": ("roberta", dict(head=False), dict(hidden_size=64, intermediate_size=128), "AutoModel"),
+    "qwen3": ("qwen3", dict(kv=2, bias=True), dict(hidden_size=48, num_heads=8, num_layers=3), "AutoModelForCausalLM"),
+    "qwen3_base": ("qwen3", dict(kv=1, head=False), dict(hidden_size=64, num_kv_heads=2), "AutoModel"),
+    "granite": ("granite", dict(kv=2, bias=True), dict(hidden_size=64, num_heads=8, num_layers=3), "AutoModelForCausalLM"),
+    "granite_tied": ("granite", dict(kv=1, tie=True), dict(hidden_size=48, intermediate_size=96), "AutoModelForCausalLM"),
+    "olmo2": ("olmo2", dict(kv=2, bias=True), dict(hidden_size=48, num_kv_heads=4, num_layers=3), "AutoModelForCausalLM"),
+    "olmo2_heads": ("olmo2", dict(kv=1, tie=True), dict(hidden_size=64, num_heads=8, intermediate_size=96),
+                    "AutoModelForCausalLM"),
+    "stablelm": ("stablelm", dict(kv=2, bias=True), dict(hidden_size=48, intermediate_size=96, num_layers=3),
+                 "AutoModelForCausalLM"),
+    "stablelm_base": ("stablelm", dict(kv=4, head=False), dict(hidden_size=64, num_kv_heads=8), "AutoModel"),
+    "phi3": ("phi3", dict(kv=2), dict(hidden_size=64, num_heads=8, num_kv_heads=4, intermediate_size=96,
+                                      num_layers=3), "AutoModelForCausalLM"),
+    "phi3_tied": ("phi3", dict(kv=1, tie=True), dict(hidden_size=48), "AutoModelForCausalLM"),
 }
 
 RELOAD = textwrap.dedent(

@@ -16,8 +16,8 @@ GEMMA3_TEXT = register_adapter(
         ("gemma3_text",),
         {
             **SANDWICH_NORMS,
-            "self_attn.q_norm.weight": P("qk_norm", None),
-            "self_attn.k_norm.weight": P("qk_norm", None),
+            "self_attn.q_norm.weight": P("q_norm", None),
+            "self_attn.k_norm.weight": P("k_norm", None),
         },
         {
             **GEMMA2_OPTIONS,
