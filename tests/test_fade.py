@@ -8,7 +8,7 @@ import transformers as T
 
 from progtrain.errors import ProgtrainConfigError
 from progtrain.train.engine import train
-from progtrain.train.fade import LayerFade
+from progtrain.train.masks import LayerFade
 from progtrain.train.report import read_metrics
 from test_train_single import cached_tokenizer, run_config
 

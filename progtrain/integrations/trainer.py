@@ -35,7 +35,7 @@ gradients are zero there) :meth:`ProgressiveTrainer.training_step` grows the mod
   ``progtrain train``.
 
 **Per-stage options.** ``grow``, ``init``, ``init_kwargs``, ``seed``, ``rewarm_steps``,
-``fade_in_steps`` (MSG-style fade-in of new blocks, :mod:`progtrain.train.fade`) and
+``fade_in_steps`` (MSG-style fade-in of new blocks, :mod:`progtrain.train.masks`) and
 ``calib_batches`` (batches of the training set handed to data-driven init strategies) are honoured;
 a stage starts at ``start_step`` or at ``start`` (a fraction of ``TrainingArguments.max_steps``).
 ``lr_scales``, ``born_warmup_steps``, ``match_dynamics`` (per-element update scales that would have to
@@ -396,7 +396,7 @@ class ProgressiveTrainer(Trainer):
         with _rng_fork():
             res = grow(m, GrowthSpec.from_dict(dict(st.grow)), init=strategy, seed=seed, data=data)
         new = res.model.to(device)
-        grown_moments = grow_moments(moments, res.param_maps, factors=True)
+        grown_moments = grow_moments(moments, res.param_maps, mode="split")
         del moments
         self._move_into(m, new)
 
@@ -440,7 +440,7 @@ class ProgressiveTrainer(Trainer):
         self.log(logs)
 
     def _start_fade(self, idx: int, since: int) -> None:
-        from ..train.fade import LayerFade
+        from ..train.masks import LayerFade
 
         st = self.stages[idx - 1]
         self._fade = LayerFade(self._unwrapped(), self._positions[idx], st.fade_in_steps)
