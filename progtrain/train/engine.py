@@ -513,7 +513,9 @@ class ProgressiveTrainer:
         self._enter_stage(res.model)
         growth_s = time.perf_counter() - t0  # gather, grow, optimizer surgery, rebuild; not the two evaluations
         after = self._eval() if self.val_dl is not None else None
+        # exact: the grown model's measured deviation without masks; masked: new structure enters through masks
         self._log(event="growth", name=st.name, val_loss_before=before, val_loss_after=after, exact=res.exact,
+                  masked=state.masks is not None,
                   params=self.n_params, sizes=res.target_sizes.as_dict(), deviation=(res.deviation or {}).get("rel"),
                   growth_s=round(growth_s, 4))
         if before is not None:
