@@ -35,11 +35,12 @@ gradients are zero there) :meth:`ProgressiveTrainer.training_step` grows the mod
   ``progtrain train``.
 
 **Per-stage options.** ``grow``, ``init``, ``init_kwargs``, ``seed``, ``rewarm_steps``,
-``fade_in_steps`` (MSG-style fade-in of new blocks, :mod:`progtrain.train.masks`) and
+``fade_in_steps`` (MSG-style fade-in of new blocks, :mod:`progtrain.train.masks`), ``moments``
+(:func:`~progtrain.train.surgery.grow_moments`) and
 ``calib_batches`` (batches of the training set handed to data-driven init strategies) are honoured;
 a stage starts at ``start_step`` or at ``start`` (a fraction of ``TrainingArguments.max_steps``).
 ``lr_scales``, ``born_warmup_steps``, ``match_dynamics`` (per-element update scales that would have to
-survive ``Trainer``'s checkpoints) and ``start_tokens`` are refused with an error naming the option.
+survive ``Trainer``'s checkpoints), ``mask_steps`` and ``start_tokens`` are refused with an error naming the option.
 
 **Checkpoint / resume.** ``Trainer``'s own checkpoints hold the grown model (its ``config.json`` has
 the grown sizes). :meth:`ProgressiveTrainer.train` with ``resume_from_checkpoint`` reads the
@@ -87,7 +88,7 @@ from ..arch.base import iter_params
 from ..errors import ProgtrainConfigError
 from ..growth.spec import GrowthSpec, new_layer_positions
 from ..train.config import StageConfig, _build
-from ..train.surgery import MOMENT_KEYS, grow_moments
+from ..train.surgery import MOMENT_KEYS, MOMENT_MODES, grow_moments
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ _UNSUPPORTED = {
     "lr_scales": "per-birth-stage update scales",
     "born_warmup_steps": "per-element update ramps",
     "match_dynamics": "per-element update scales",
+    "mask_steps": "masks of new FFN units and heads kept in the run's state; fade_in_steps masks new layers",
 }
 
 
@@ -143,6 +145,8 @@ def _parse_stage(i: int, entry: Any, max_steps: int) -> StageConfig:
                 f"stages[{i}] ({name}).{key}: ProgressiveTrainer does not support {key} ({what}); remove it, or "
                 f"train with `progtrain train` which does"
             )
+    if st.moments not in MOMENT_MODES:
+        raise ProgtrainConfigError(f"stages[{i}] ({name}).moments={st.moments!r} is not one of {', '.join(MOMENT_MODES)}")
     if st.start_tokens is not None:
         raise ProgtrainConfigError(
             f"stages[{i}] ({name}).start_tokens: ProgressiveTrainer counts optimizer steps; give start_step, or start "
@@ -396,7 +400,7 @@ class ProgressiveTrainer(Trainer):
         with _rng_fork():
             res = grow(m, GrowthSpec.from_dict(dict(st.grow)), init=strategy, seed=seed, data=data)
         new = res.model.to(device)
-        grown_moments = grow_moments(moments, res.param_maps, mode="split")
+        grown_moments = grow_moments(moments, res.param_maps, mode=st.moments)
         del moments
         self._move_into(m, new)
 
