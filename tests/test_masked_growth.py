@@ -15,8 +15,7 @@ from _launch import REPO, run_launch
 
 from progtrain import grow
 from progtrain.errors import ProgtrainConfigError
-from progtrain.train.checkpoint import list_checkpoints, load_checkpoint
-from progtrain.train.config import from_dict
+from progtrain.train.checkpoint import load_checkpoint
 from progtrain.train.data import prepare_data
 from progtrain.train.engine import evaluate, train
 from progtrain.train.masks import GrowthMasks, mask_spec
