@@ -443,7 +443,7 @@ def test_grow_label_agrees_with_verify(family, axis, kw, tmp_path, capsys):
 # ---------------------------------------------------------------------- item 7: post-norm depth growth
 def test_post_norm_depth_growth_says_how_to_make_it_exact(minilm_path, tmp_path, capsys):
     from progtrain.io import load_model
-    from progtrain.train.fade import LayerFade
+    from progtrain.train.masks import LayerFade
 
     out = tmp_path / "minilm_12l"
     code, text, err = run(capsys, "grow", minilm_path, out, "--num-layers", 12)
