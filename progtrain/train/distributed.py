@@ -42,11 +42,12 @@ from transformers import PreTrainedModel
 
 from ..carry import carry_generation_config
 from ..errors import ProgtrainConfigError
+from . import fsdp
 from .lr_scales import UpdateScaler
 
 logger = logging.getLogger(__name__)
 
-ENGINE_KINDS = ("single", "ddp", "zero1", "zero2", "zero3")
+ENGINE_KINDS = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp2")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 _TRUE = ("1", "true", "yes")
 
@@ -142,6 +143,17 @@ def build_accelerator(
         )
     if gradient_clipping is not None and gradient_clipping < 0:
         raise ProgtrainConfigError(f"gradient_clipping={gradient_clipping}; give a max norm >= 0 (0 = off)")
+    want_fsdp2 = fsdp.fsdp2_requested()
+    if want_fsdp2 and deepspeed_config is not None:
+        raise ProgtrainConfigError(
+            "the launch config asks for FSDP2 and train.deepspeed_config for DeepSpeed; choose one (remove "
+            "train.deepspeed_config, or launch with a DeepSpeed config such as launch/cpu_zero3.yaml)"
+        )
+    fsdp2_settings = fsdp.settings_from_env() if want_fsdp2 else None
+    if want_fsdp2:
+        # progtrain shards the model itself (progtrain/train/fsdp.py), on GPUs and CPUs alike: the
+        # Accelerator runs as plain multi-process and never wraps the model
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
     want_ds = deepspeed_config is not None or _env_true("ACCELERATE_USE_DEEPSPEED")
     if want_ds and _env_true("ACCELERATE_USE_CPU"):
         raise ProgtrainConfigError(
@@ -167,6 +179,7 @@ def build_accelerator(
         project_dir=project_dir,
         **kwargs,
     )
+    acc.progtrain_fsdp2 = fsdp2_settings  # read by engine_kind()
     if world > 1 and acc.distributed_type == DistributedType.NO:
         raise ProgtrainConfigError(
             f"{world} processes were launched but accelerate runs them unsynchronised (no DDP); on a "
@@ -194,7 +207,10 @@ def _configure_deepspeed_plugin(plugin, gradient_clipping: float | None) -> None
 
 def engine_kind(accelerator: Accelerator) -> str:
     """What runs the model: "single" (one process), "ddp" (several processes, DDP), "zero1" |
-    "zero2" | "zero3" (DeepSpeed ZeRO stage), or "fsdp"."""
+    "zero2" | "zero3" (DeepSpeed ZeRO stage), "fsdp2" (progtrain's FSDP2, :mod:`.fsdp`), or "fsdp"
+    (accelerate's FSDP1, no growth)."""
+    if _is_fsdp2(accelerator):
+        return "fsdp2"
     dt = accelerator.distributed_type
     if dt == DistributedType.DEEPSPEED:
         return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
@@ -207,11 +223,15 @@ def _is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def _is_fsdp2(accelerator: Accelerator) -> bool:
+    return getattr(accelerator, "progtrain_fsdp2", None) is not None
+
+
 def _no_fsdp(accelerator: Accelerator, what: str) -> None:
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ProgtrainConfigError(
-            f"{what} is not supported under FSDP (growth needs the full model and moments); "
-            f"use DeepSpeed ZeRO-3 (launch/zero3_gpu.yaml) for sharded growth runs"
+            f"{what} is not supported under FSDP version 1; set fsdp_version: 2 in the accelerate config "
+            f"(launch/fsdp.yaml) for sharded growth runs"
         )
 
 
@@ -242,6 +262,13 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.o
         cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
         cfg["gradient_accumulation_steps"] = ga
         cfg["train_batch_size"] = micro_batch_size * ga * accelerator.num_processes
+    if _is_fsdp2(accelerator):
+        model, optimizer = fsdp.shard_model(model, optimizer, device=accelerator.device,
+                                            settings=accelerator.progtrain_fsdp2,
+                                            mixed_precision=str(accelerator.mixed_precision))
+        out = accelerator.prepare(optimizer, *([scheduler] if scheduler is not None else []))
+        out = (model, *(out if isinstance(out, tuple) else (out,)))
+        return out if scheduler is not None else (out[0], out[1], None)
     objs = [model, optimizer] + ([scheduler] if scheduler is not None else [])
     out = accelerator.prepare(*objs)
     if scheduler is None:
@@ -332,7 +359,7 @@ def _rebuilt_model(unwrapped: PreTrainedModel, values: dict[str, torch.Tensor]) 
     parameter tensors by name) and the same buffers."""
     config = copy.deepcopy(unwrapped.config)
     with init_empty_weights():
-        fresh = type(unwrapped)(config)
+        fresh = fsdp.plain_class(unwrapped)(config)
     _, unexpected = fresh.load_state_dict(dict(values), strict=False, assign=True)
     fresh.tie_weights()
     carry_generation_config(unwrapped, fresh)
@@ -366,7 +393,15 @@ def gather_full_state(accelerator: Accelerator, model: torch.nn.Module, optimize
     step = _state_step(accelerator, base)
     named = _named_params(unwrapped)
     moments: dict[str, dict[str, torch.Tensor]] = {}
-    if _is_deepspeed(accelerator):
+    if _is_fsdp2(accelerator):  # one parameter and its moments at a time (collective gathers)
+        values = {}
+        for name, p in named:
+            values[name] = fsdp.full_tensor(p.detach()).float().cpu()
+            st = base.state.get(p, {})
+            moments[name] = {k: (fsdp.full_tensor(st[k]).float().cpu() if k in st
+                                 else torch.zeros(p.shape, dtype=torch.float32)) for k in MOMENT_KEYS}
+        full = _rebuilt_model(unwrapped, values)
+    elif _is_deepspeed(accelerator):
         full = _rebuilt_model(unwrapped, _ds_full_params(unwrapped))
         if step > 0:
             _link_zero12_state(getattr(optimizer, "optimizer", optimizer), base)
@@ -465,6 +500,8 @@ def load_moments(accelerator: Accelerator, model: torch.nn.Module, optimizer,
                 value = per.get(k)
                 if value is None:
                     st[k].zero_()
+                elif fsdp.is_dtensor(st[k]):  # FSDP2: this rank's shard of the full moment
+                    st[k] = fsdp.distribute_like(value.detach().float(), st[k])
                 else:
                     st[k].copy_(value.detach().to(dtype=st[k].dtype, device=st[k].device))
 
@@ -472,7 +509,17 @@ def load_moments(accelerator: Accelerator, model: torch.nn.Module, optimizer,
 def full_model_for_save(accelerator: Accelerator, model: torch.nn.Module) -> PreTrainedModel | None:
     """The full unwrapped model on the main process (None on the others), ready for
     ``progtrain.io.save_checkpoint``. Under DeepSpeed a fresh fp32 CPU copy gathered from the
-    partitions (collective: every rank must call it); otherwise the unwrapped model itself."""
+    partitions (collective: every rank must call it); under FSDP2 the same, gathered parameter by
+    parameter; otherwise the unwrapped model itself."""
+    if _is_fsdp2(accelerator):
+        unwrapped = accelerator.unwrap_model(model)
+        values = {}
+        for name, p in _named_params(unwrapped):
+            t = fsdp.full_tensor(p.detach())
+            if accelerator.is_main_process:
+                values[name] = t.float().cpu()
+            del t
+        return _rebuilt_model(unwrapped, values) if accelerator.is_main_process else None
     if accelerator.distributed_type == DistributedType.FSDP:
         state = accelerator.get_state_dict(model)  # collective; full state dict on the main process
         if not accelerator.is_main_process:
@@ -554,6 +601,7 @@ class Engine:
         self.kind = engine_kind(accelerator)
         self.max_grad_norm = float(max_grad_norm)
         self._steps_in_backward = _is_deepspeed(accelerator)  # DeepSpeed steps its optimizer inside backward
+        self._takes_module = _is_deepspeed(accelerator) or _is_fsdp2(accelerator)  # shards/casts params in place
         self.model = self.optimizer = self.scheduler = None
         self.named_params: dict[str, torch.nn.Parameter] = {}
         self._scaler = None
@@ -568,7 +616,7 @@ class Engine:
 
         Raises:
             ProgtrainConfigError: under ZeRO-3 or FSDP (no rank holds a full parameter to scale)."""
-        if self.kind in ("zero3", "fsdp"):
+        if self.kind in ("zero3", "fsdp", "fsdp2"):
             raise ProgtrainConfigError(
                 f"lr_scales / born_warmup_steps / match_dynamics scale each element's update, which needs full "
                 f"parameters on every rank; {self.kind} shards them: use DDP or ZeRO-1/2, or remove those stage options"
@@ -599,8 +647,8 @@ class Engine:
         """``model`` (full, fp32, CPU), as it can still be saved after :meth:`prepare` takes it and
         before any optimizer step: the model itself where preparing keeps its values in place (one
         process, DDP: at most moved to the device), a CPU copy where the engine takes the module
-        over (DeepSpeed partitions or casts its parameters in place). Saves gathering it back."""
-        return copy.deepcopy(model) if self._steps_in_backward else model
+        over (DeepSpeed and FSDP2 partition or cast its parameters in place). Saves gathering it back."""
+        return copy.deepcopy(model) if self._takes_module else model
 
     def release(self) -> None:
         """:func:`release` the prepared objects before a rebuild."""
