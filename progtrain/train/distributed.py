@@ -383,9 +383,15 @@ def _ds_full_params(unwrapped: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: _full_ds_tensor(p, None) for name, p in _named_params(unwrapped)}
 
 
-def gather_full_state(accelerator: Accelerator, model: torch.nn.Module, optimizer) -> FullState:
+def gather_full_state(accelerator: Accelerator, model: torch.nn.Module, optimizer, *,
+                      main_only: bool = False) -> FullState:
     """Collect the full model (fp32, CPU, a copy), full Adam moments by parameter name and the step
-    count, on every rank. Collective under DeepSpeed: every rank must call it."""
+    count, on every rank. Collective under DeepSpeed and FSDP2: every rank must call it.
+
+    ``main_only``: under FSDP2 the full state is built on the main process only, gathered one
+    parameter (and its moments) at a time; the other ranks get a meta-device skeleton of the model
+    (names and shapes, no memory) and ``moments=None``. Ignored by the other engines (every rank
+    gets the full state)."""
     _no_fsdp(accelerator, "gather_full_state")
     unwrapped = accelerator.unwrap_model(model)
     base = _base_optimizer(optimizer)
@@ -394,12 +400,22 @@ def gather_full_state(accelerator: Accelerator, model: torch.nn.Module, optimize
     named = _named_params(unwrapped)
     moments: dict[str, dict[str, torch.Tensor]] = {}
     if _is_fsdp2(accelerator):  # one parameter and its moments at a time (collective gathers)
+        keep = accelerator.is_main_process or not main_only
         values = {}
         for name, p in named:
-            values[name] = fsdp.full_tensor(p.detach()).float().cpu()
             st = base.state.get(p, {})
-            moments[name] = {k: (fsdp.full_tensor(st[k]).float().cpu() if k in st
-                                 else torch.zeros(p.shape, dtype=torch.float32)) for k in MOMENT_KEYS}
+            for key in (None,) + MOMENT_KEYS:
+                t = fsdp.full_tensor(p.detach() if key is None else st[key]) if key is None or key in st else None
+                if keep:
+                    t = torch.zeros(p.shape, dtype=torch.float32) if t is None else t.float().cpu()
+                    if key is None:
+                        values[name] = t
+                    else:
+                        moments.setdefault(name, {})[key] = t
+                del t
+        if not keep:
+            return FullState(model=fsdp.meta_skeleton(fsdp.plain_class(unwrapped), unwrapped.config, like=unwrapped),
+                             moments=None, step=step)
         full = _rebuilt_model(unwrapped, values)
     elif _is_deepspeed(accelerator):
         full = _rebuilt_model(unwrapped, _ds_full_params(unwrapped))
@@ -442,7 +458,8 @@ def load_moments(accelerator: Accelerator, model: torch.nn.Module, optimizer,
                  moments: dict[str, dict[str, torch.Tensor]], step: int) -> None:
     """After :func:`prepare`, write full moments (``{param name: {"exp_avg", "exp_avg_sq"}}``, full
     shapes) into the possibly partitioned optimizer state and set Adam's step count to ``step``.
-    Parameters absent from ``moments`` get zero moments. Collective under DeepSpeed."""
+    Parameters absent from ``moments`` get zero moments. Collective under DeepSpeed and FSDP2; under
+    FSDP2 the main process's ``moments`` are used (the others may pass ``{}``)."""
     _no_fsdp(accelerator, "load_moments")
     unwrapped = accelerator.unwrap_model(model)
     base = _base_optimizer(optimizer)
@@ -473,7 +490,24 @@ def load_moments(accelerator: Accelerator, model: torch.nn.Module, optimizer,
                 st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
         st["step"] = _step_tensor(st.get("step"), step)
 
-    if _is_deepspeed(accelerator):
+    if _is_fsdp2(accelerator):  # the main process's moments, broadcast and sharded one tensor at a time
+        from accelerate.utils import broadcast_object_list
+
+        present = [sorted((n, k) for n, per in moments.items() for k in per) if accelerator.is_main_process else None]
+        broadcast_object_list(present, from_process=0)
+        present = set(present[0])
+        for name, p in named:
+            if not p.requires_grad:
+                continue
+            init_state(p)
+            st = base.state[p]
+            for k in keys:
+                if (name, k) in present:
+                    value = moments[name][k].detach().float() if accelerator.is_main_process else None
+                    st[k] = fsdp.broadcast_moment(value, st[k])
+                else:
+                    st[k].zero_()
+    elif _is_deepspeed(accelerator):
         from deepspeed.utils import safe_set_full_optimizer_state
 
         zero = getattr(optimizer, "optimizer", optimizer)
@@ -500,8 +534,6 @@ def load_moments(accelerator: Accelerator, model: torch.nn.Module, optimizer,
                 value = per.get(k)
                 if value is None:
                     st[k].zero_()
-                elif fsdp.is_dtensor(st[k]):  # FSDP2: this rank's shard of the full moment
-                    st[k] = fsdp.distribute_like(value.detach().float(), st[k])
                 else:
                     st[k].copy_(value.detach().to(dtype=st[k].dtype, device=st[k].device))
 
@@ -564,6 +596,24 @@ def zero_param_hooks() -> tuple[Callable[[torch.nn.Parameter], torch.Tensor], Ca
 
     return get_param, set_param
 
+def _picklable_fields(result, *, skip: tuple[str, ...]):
+    """``result`` (a dataclass) with the fields in ``skip`` and those that cannot be pickled (e.g.
+    ``SpaceMaps`` holding an adapter's functions) set to None, for a broadcast to the other ranks."""
+    import dataclasses
+    import pickle
+
+    dropped = {name: None for name in skip}
+    for f in dataclasses.fields(result):
+        if f.name in dropped:
+            continue
+        try:
+            pickle.dumps(getattr(result, f.name))
+        except Exception:  # noqa: BLE001 - any pickling failure: the field stays on the main process
+            dropped[f.name] = None
+    if set(dropped) - set(skip):
+        logger.debug("growth result fields kept on the main process only: %s", sorted(set(dropped) - set(skip)))
+    return dataclasses.replace(result, **dropped)
+
 
 class Engine:
     """The run's engine behind one interface, so the training loop never asks which one it has.
@@ -601,7 +651,6 @@ class Engine:
         self.kind = engine_kind(accelerator)
         self.max_grad_norm = float(max_grad_norm)
         self._steps_in_backward = _is_deepspeed(accelerator)  # DeepSpeed steps its optimizer inside backward
-        self._takes_module = _is_deepspeed(accelerator) or _is_fsdp2(accelerator)  # shards/casts params in place
         self.model = self.optimizer = self.scheduler = None
         self.named_params: dict[str, torch.nn.Parameter] = {}
         self._scaler = None
@@ -635,9 +684,39 @@ class Engine:
         """:func:`load_moments` into the prepared optimizer."""
         load_moments(self.accelerator, self.model, self.optimizer, moments, step)
 
-    def gather_full_state(self) -> FullState:
-        """:func:`gather_full_state` of the prepared model and optimizer (collective)."""
-        return gather_full_state(self.accelerator, self.model, self.optimizer)
+    def gather_full_state(self, *, main_only: bool = False) -> FullState:
+        """:func:`gather_full_state` of the prepared model and optimizer (collective); ``main_only``:
+        under FSDP2 only the main process builds the full state (see :meth:`grow`)."""
+        return gather_full_state(self.accelerator, self.model, self.optimizer, main_only=main_only)
+
+    def grow(self, full: FullState, grow_fn: Callable[[PreTrainedModel], object]):
+        """``grow_fn(full.model)`` (a :class:`~progtrain.growth.GrowthResult`) on every rank, or, under
+        FSDP2 (``full`` from ``gather_full_state(main_only=True)``), on the main process only: the
+        others receive the result with a meta-device skeleton of the grown model (no memory), and
+        :meth:`prepare` fills their shards from the main process one parameter at a time. Collective.
+
+        Raises:
+            whatever ``grow_fn`` raises, on every rank."""
+        if not _is_fsdp2(self.accelerator):
+            return grow_fn(full.model)
+        import dataclasses
+
+        from accelerate.utils import broadcast_object_list
+
+        res, payload = None, [None]
+        if self.accelerator.is_main_process:
+            try:
+                res = grow_fn(full.model)
+                payload = [(_picklable_fields(res, skip=("model",)), fsdp.plain_class(res.model), res.model.config, None)]
+            except Exception as e:  # the other ranks wait in the broadcast: send them the error
+                payload = [(None, None, None, e)]
+        broadcast_object_list(payload, from_process=0)
+        light, cls, config, error = payload[0]
+        if error is not None:
+            raise error
+        if res is not None:
+            return res
+        return dataclasses.replace(light, model=fsdp.meta_skeleton(cls, config, like=full.model))
 
     def full_model_for_save(self) -> PreTrainedModel | None:
         """:func:`full_model_for_save` of the prepared model (collective)."""
@@ -647,8 +726,9 @@ class Engine:
         """``model`` (full, fp32, CPU), as it can still be saved after :meth:`prepare` takes it and
         before any optimizer step: the model itself where preparing keeps its values in place (one
         process, DDP: at most moved to the device), a CPU copy where the engine takes the module
-        over (DeepSpeed and FSDP2 partition or cast its parameters in place). Saves gathering it back."""
-        return copy.deepcopy(model) if self._takes_module else model
+        over (DeepSpeed partitions or casts its parameters in place; FSDP2 shards a copy). Saves
+        gathering it back."""
+        return copy.deepcopy(model) if self._steps_in_backward else model
 
     def release(self) -> None:
         """:func:`release` the prepared objects before a rebuild."""

@@ -19,6 +19,7 @@ dataloaders, collectives and the optimizer / scheduler wrappers; it never wraps 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -97,6 +98,16 @@ def plain_class(model: torch.nn.Module) -> type:
     return type(model)
 
 
+def _destroy_process_group() -> None:
+    """Tear the process group down before the interpreter exits: left to the C++ destructors, gloo
+    with FSDP2's communication state aborts a process now and then ("terminate called without an
+    active exception", exit -6) after a run has finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _block_classes(model: torch.nn.Module) -> set[str]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     if not names:
@@ -107,17 +118,55 @@ def _block_classes(model: torch.nn.Module) -> set[str]:
     return names
 
 
+def meta_skeleton(cls: type, config, *, like: torch.nn.Module | None = None) -> torch.nn.Module:
+    """A ``cls(config)`` whose parameters and buffers are on the meta device (no memory), ties made;
+    ``like``'s train/eval mode and generation config when given."""
+    import copy
+
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        model = cls(copy.deepcopy(config))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if like is not None:
+        model.train(like.training)
+        if getattr(like, "generation_config", None) is not None:
+            model.generation_config = copy.deepcopy(like.generation_config)
+    return model
+
+
+def _broadcast_from_main(t: torch.Tensor | None, shape, dtype, device) -> torch.Tensor:
+    """The main process's tensor ``t`` on every rank (others pass None; collective)."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        out = t.detach().to(device=device, dtype=dtype).contiguous()
+    else:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    dist.broadcast(out, src=0)
+    return out
+
+
 def shard_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
                 settings: Fsdp2Settings, mixed_precision: str = "no") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """Shard ``model`` in place with ``fully_shard`` over all processes (one unit per transformer
-    block, then the root) and point ``optimizer``'s param groups at the sharded parameters.
+    """The sharded copy of ``model`` over all processes, and ``optimizer`` pointed at its parameters.
+
+    The values come from the MAIN process (rank 0): there ``model`` holds the full weights; on the
+    other ranks it may be a :func:`meta_skeleton` of the same class and config (only names and shapes
+    are read), so a growth needs the full model on one rank only. A skeleton of the model is sharded
+    on the meta device (``fully_shard`` on each transformer block named in ``_no_split_modules``,
+    then the root, which keeps a tied embedding and head in one unit), its local shards are allocated
+    and each parameter and buffer is broadcast from the main process in turn and cut to this rank's
+    shard: the extra memory is one full parameter at a time. ``model`` itself is left untouched.
 
     ``optimizer`` must be built on ``model``'s parameters and hold no state yet. ``mixed_precision``
     ``"bf16"`` computes in bf16 and reduces gradients in fp32 (fp32 master weights stay sharded).
-    Returns ``(model, optimizer)`` (the same objects).
+    Collective: every rank calls it. Returns ``(sharded model, optimizer)``.
 
     Raises:
-        ProgtrainConfigError: the optimizer already holds state, or names parameters the model lacks.
+        ProgtrainConfigError: the optimizer already holds state or names parameters the model lacks,
+            or the model names no transformer block class.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -127,23 +176,44 @@ def shard_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, dev
         raise ProgtrainConfigError("shard_model() takes a fresh optimizer (no state); load moments after sharding")
     old_names = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
-        missing = [p for p in group["params"] if id(p) not in old_names]
-        if missing:
+        if any(id(p) not in old_names for p in group["params"]):
             raise ProgtrainConfigError("the optimizer holds parameters the model does not have; build it on the model")
-    model.to(device)
+    if not getattr(shard_model, "_exit_hook", False):
+        atexit.register(_destroy_process_group)
+        shard_model._exit_hook = True
+    blocks = _block_classes(model)
+    main = dist.get_rank() == 0
+    sharded = meta_skeleton(plain_class(model), model.config, like=model)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision == "bf16" \
         else MixedPrecisionPolicy()
     kwargs = dict(mesh=mesh, reshard_after_forward=settings.reshard_after_forward, mp_policy=mp)
-    blocks = _block_classes(model)
-    for module in list(model.modules())[1:]:
+    for module in list(sharded.modules())[1:]:
         if type(module).__name__ in blocks:
             fully_shard(module, **kwargs)
-    fully_shard(model, **kwargs)
-    new = dict(model.named_parameters())
+    fully_shard(sharded, **kwargs)
+    sharded.to_empty(device=device)
+    src_params = dict(model.named_parameters())
+    src_buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, p in sharded.named_parameters():
+            full = _broadcast_from_main(src_params[name] if main else None, tuple(p.shape), p.dtype, device)
+            p.to_local().copy_(distribute_like(full, p).to_local())
+            del full
+        for name, b in list(sharded.named_buffers()):
+            full = _broadcast_from_main(src_buffers[name] if main else None, tuple(b.shape), b.dtype, device)
+            b.copy_(full)
+    new = dict(sharded.named_parameters())
     for group in optimizer.param_groups:
         group["params"] = [new[old_names[id(p)]] for p in group["params"]]
-    return model, optimizer
+    return sharded, optimizer
+
+
+def broadcast_moment(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The main process's full moment ``value`` (others pass None) as this rank's shard, sharded like
+    the DTensor ``like`` (collective; one full tensor in memory at a time)."""
+    full = _broadcast_from_main(value, tuple(like.shape), like.dtype, like.device)
+    return distribute_like(full, like)
 
 
 def distribute_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
