@@ -7,6 +7,9 @@ first growth and resumed.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 
 import pytest
 import transformers as T
@@ -130,3 +133,42 @@ def test_fsdp2_refuses_update_scales():
     engine.kind = "fsdp2"
     with pytest.raises(ProgtrainConfigError, match="fsdp2 shards them"):
         engine.check_update_scales()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_machines_over_loopback(mode, single_run, tmp_path):
+    """A real 2-machine launch on one host: ``accelerate launch --num_machines 2 --machine_rank 0|1
+    --main_process_ip 127.0.0.1`` (one process per "machine", as launch/slurm_multinode.sh runs one
+    launch per node), with both growths: world size 2 and the single-process loss path."""
+    import subprocess
+
+    from _launch import LAUNCH_DIR, free_port, launch_env, tail
+
+    port = free_port()
+    args = ["--config", "configs/gpt2_tiny_progressive.yaml", "--output-dir", str(tmp_path / "run")]
+    for k, v in OVERRIDES.items():
+        args += ["--set", f"{k}={v}"]
+    procs, logs = [], []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(LAUNCH_DIR / ("cpu_ddp2.yaml" if mode == "ddp" else "cpu_fsdp2.yaml")),
+               "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(TRAIN_RUN), *args]
+        logs.append(tmp_path / f"machine{rank}.txt")
+        with open(logs[-1], "w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=launch_env(mode), stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    try:
+        codes = [p.wait(timeout=420) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert codes == [0, 0], "\n".join(tail(log) for log in logs)
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["engine"] == mode
+    a, b = _train_losses(tmp_path / "run"), _train_losses(single_run)
+    assert len(a) == len(b) == OVERRIDES["train.max_steps"]
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4
+    assert [m["step"] for m in _metrics(tmp_path / "run") if m["event"] == "growth"] == [2, 4]
