@@ -2,7 +2,9 @@
 and its scheduler are wrapped (single process, DDP, DeepSpeed ZeRO-1/2/3), how to get the full
 model and Adam's moments out of them and back in across a growth, and where the optimizer step
 runs. :class:`Engine` puts all of it behind one interface for the training loop; the functions
-below are its parts, usable on their own.
+below are its parts, usable on their own. FSDP2 (``fully_shard``) is sharded by progtrain itself,
+see :mod:`progtrain.train.fsdp`; there a growth's full state lives on the main process only
+(``gather_full_state(main_only=True)``, :meth:`Engine.grow`) and the other ranks receive their shards.
 
 The engine's life cycle around a growth::
 
