@@ -29,6 +29,7 @@ MODES = {
     "zero1": "cpu_zero1.yaml",
     "zero2": "cpu_zero2.yaml",
     "zero3": "cpu_zero3.yaml",
+    "fsdp2": "cpu_fsdp2.yaml",
 }
 
 _LEAKY = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")

@@ -2,7 +2,9 @@
 and its scheduler are wrapped (single process, DDP, DeepSpeed ZeRO-1/2/3), how to get the full
 model and Adam's moments out of them and back in across a growth, and where the optimizer step
 runs. :class:`Engine` puts all of it behind one interface for the training loop; the functions
-below are its parts, usable on their own.
+below are its parts, usable on their own. FSDP2 (``fully_shard``) is sharded by progtrain itself,
+see :mod:`progtrain.train.fsdp`; there a growth's full state lives on the main process only
+(``gather_full_state(main_only=True)``, :meth:`Engine.grow`) and the other ranks receive their shards.
 
 The engine's life cycle around a growth::
 
@@ -42,11 +44,12 @@ from transformers import PreTrainedModel
 
 from ..carry import carry_generation_config
 from ..errors import ProgtrainConfigError
+from . import fsdp
 from .lr_scales import UpdateScaler
 
 logger = logging.getLogger(__name__)
 
-ENGINE_KINDS = ("single", "ddp", "zero1", "zero2", "zero3")
+ENGINE_KINDS = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp2")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 _TRUE = ("1", "true", "yes")
 
@@ -142,6 +145,17 @@ def build_accelerator(
         )
     if gradient_clipping is not None and gradient_clipping < 0:
         raise ProgtrainConfigError(f"gradient_clipping={gradient_clipping}; give a max norm >= 0 (0 = off)")
+    want_fsdp2 = fsdp.fsdp2_requested()
+    if want_fsdp2 and deepspeed_config is not None:
+        raise ProgtrainConfigError(
+            "the launch config asks for FSDP2 and train.deepspeed_config for DeepSpeed; choose one (remove "
+            "train.deepspeed_config, or launch with a DeepSpeed config such as launch/cpu_zero3.yaml)"
+        )
+    fsdp2_settings = fsdp.settings_from_env() if want_fsdp2 else None
+    if want_fsdp2:
+        # progtrain shards the model itself (progtrain/train/fsdp.py), on GPUs and CPUs alike: the
+        # Accelerator runs as plain multi-process and never wraps the model
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
     want_ds = deepspeed_config is not None or _env_true("ACCELERATE_USE_DEEPSPEED")
     if want_ds and _env_true("ACCELERATE_USE_CPU"):
         raise ProgtrainConfigError(
@@ -167,6 +181,7 @@ def build_accelerator(
         project_dir=project_dir,
         **kwargs,
     )
+    acc.progtrain_fsdp2 = fsdp2_settings  # read by engine_kind()
     if world > 1 and acc.distributed_type == DistributedType.NO:
         raise ProgtrainConfigError(
             f"{world} processes were launched but accelerate runs them unsynchronised (no DDP); on a "
@@ -194,7 +209,10 @@ def _configure_deepspeed_plugin(plugin, gradient_clipping: float | None) -> None
 
 def engine_kind(accelerator: Accelerator) -> str:
     """What runs the model: "single" (one process), "ddp" (several processes, DDP), "zero1" |
-    "zero2" | "zero3" (DeepSpeed ZeRO stage), or "fsdp"."""
+    "zero2" | "zero3" (DeepSpeed ZeRO stage), "fsdp2" (progtrain's FSDP2, :mod:`.fsdp`), or "fsdp"
+    (accelerate's FSDP1, no growth)."""
+    if _is_fsdp2(accelerator):
+        return "fsdp2"
     dt = accelerator.distributed_type
     if dt == DistributedType.DEEPSPEED:
         return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
@@ -207,11 +225,15 @@ def _is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def _is_fsdp2(accelerator: Accelerator) -> bool:
+    return getattr(accelerator, "progtrain_fsdp2", None) is not None
+
+
 def _no_fsdp(accelerator: Accelerator, what: str) -> None:
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ProgtrainConfigError(
-            f"{what} is not supported under FSDP (growth needs the full model and moments); "
-            f"use DeepSpeed ZeRO-3 (launch/zero3_gpu.yaml) for sharded growth runs"
+            f"{what} is not supported under FSDP version 1; set fsdp_version: 2 in the accelerate config "
+            f"(launch/fsdp.yaml) for sharded growth runs"
         )
 
 
@@ -242,6 +264,13 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.o
         cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
         cfg["gradient_accumulation_steps"] = ga
         cfg["train_batch_size"] = micro_batch_size * ga * accelerator.num_processes
+    if _is_fsdp2(accelerator):
+        model, optimizer = fsdp.shard_model(model, optimizer, device=accelerator.device,
+                                            settings=accelerator.progtrain_fsdp2,
+                                            mixed_precision=str(accelerator.mixed_precision))
+        out = accelerator.prepare(optimizer, *([scheduler] if scheduler is not None else []))
+        out = (model, *(out if isinstance(out, tuple) else (out,)))
+        return out if scheduler is not None else (out[0], out[1], None)
     objs = [model, optimizer] + ([scheduler] if scheduler is not None else [])
     out = accelerator.prepare(*objs)
     if scheduler is None:
@@ -332,7 +361,7 @@ def _rebuilt_model(unwrapped: PreTrainedModel, values: dict[str, torch.Tensor]) 
     parameter tensors by name) and the same buffers."""
     config = copy.deepcopy(unwrapped.config)
     with init_empty_weights():
-        fresh = type(unwrapped)(config)
+        fresh = fsdp.plain_class(unwrapped)(config)
     _, unexpected = fresh.load_state_dict(dict(values), strict=False, assign=True)
     fresh.tie_weights()
     carry_generation_config(unwrapped, fresh)
@@ -356,9 +385,15 @@ def _ds_full_params(unwrapped: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: _full_ds_tensor(p, None) for name, p in _named_params(unwrapped)}
 
 
-def gather_full_state(accelerator: Accelerator, model: torch.nn.Module, optimizer) -> FullState:
+def gather_full_state(accelerator: Accelerator, model: torch.nn.Module, optimizer, *,
+                      main_only: bool = False) -> FullState:
     """Collect the full model (fp32, CPU, a copy), full Adam moments by parameter name and the step
-    count, on every rank. Collective under DeepSpeed: every rank must call it."""
+    count, on every rank. Collective under DeepSpeed and FSDP2: every rank must call it.
+
+    ``main_only``: under FSDP2 the full state is built on the main process only, gathered one
+    parameter (and its moments) at a time; the other ranks get a meta-device skeleton of the model
+    (names and shapes, no memory) and ``moments=None``. Ignored by the other engines (every rank
+    gets the full state)."""
     _no_fsdp(accelerator, "gather_full_state")
     unwrapped = accelerator.unwrap_model(model)
     base = _base_optimizer(optimizer)
@@ -366,7 +401,25 @@ def gather_full_state(accelerator: Accelerator, model: torch.nn.Module, optimize
     step = _state_step(accelerator, base)
     named = _named_params(unwrapped)
     moments: dict[str, dict[str, torch.Tensor]] = {}
-    if _is_deepspeed(accelerator):
+    if _is_fsdp2(accelerator):  # one parameter and its moments at a time (collective gathers)
+        keep = accelerator.is_main_process or not main_only
+        values = {}
+        for name, p in named:
+            st = base.state.get(p, {})
+            for key in (None,) + MOMENT_KEYS:
+                t = fsdp.full_tensor(p.detach() if key is None else st[key]) if key is None or key in st else None
+                if keep:
+                    t = torch.zeros(p.shape, dtype=torch.float32) if t is None else t.float().cpu()
+                    if key is None:
+                        values[name] = t
+                    else:
+                        moments.setdefault(name, {})[key] = t
+                del t
+        if not keep:
+            return FullState(model=fsdp.meta_skeleton(fsdp.plain_class(unwrapped), unwrapped.config, like=unwrapped),
+                             moments=None, step=step)
+        full = _rebuilt_model(unwrapped, values)
+    elif _is_deepspeed(accelerator):
         full = _rebuilt_model(unwrapped, _ds_full_params(unwrapped))
         if step > 0:
             _link_zero12_state(getattr(optimizer, "optimizer", optimizer), base)
@@ -407,7 +460,8 @@ def load_moments(accelerator: Accelerator, model: torch.nn.Module, optimizer,
                  moments: dict[str, dict[str, torch.Tensor]], step: int) -> None:
     """After :func:`prepare`, write full moments (``{param name: {"exp_avg", "exp_avg_sq"}}``, full
     shapes) into the possibly partitioned optimizer state and set Adam's step count to ``step``.
-    Parameters absent from ``moments`` get zero moments. Collective under DeepSpeed."""
+    Parameters absent from ``moments`` get zero moments. Collective under DeepSpeed and FSDP2; under
+    FSDP2 the main process's ``moments`` are used (the others may pass ``{}``)."""
     _no_fsdp(accelerator, "load_moments")
     unwrapped = accelerator.unwrap_model(model)
     base = _base_optimizer(optimizer)
@@ -438,7 +492,24 @@ def load_moments(accelerator: Accelerator, model: torch.nn.Module, optimizer,
                 st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
         st["step"] = _step_tensor(st.get("step"), step)
 
-    if _is_deepspeed(accelerator):
+    if _is_fsdp2(accelerator):  # the main process's moments, broadcast and sharded one tensor at a time
+        from accelerate.utils import broadcast_object_list
+
+        present = [sorted((n, k) for n, per in moments.items() for k in per) if accelerator.is_main_process else None]
+        broadcast_object_list(present, from_process=0)
+        present = set(present[0])
+        for name, p in named:
+            if not p.requires_grad:
+                continue
+            init_state(p)
+            st = base.state[p]
+            for k in keys:
+                if (name, k) in present:
+                    value = moments[name][k].detach().float() if accelerator.is_main_process else None
+                    st[k] = fsdp.broadcast_moment(value, st[k])
+                else:
+                    st[k].zero_()
+    elif _is_deepspeed(accelerator):
         from deepspeed.utils import safe_set_full_optimizer_state
 
         zero = getattr(optimizer, "optimizer", optimizer)
@@ -472,7 +543,17 @@ def load_moments(accelerator: Accelerator, model: torch.nn.Module, optimizer,
 def full_model_for_save(accelerator: Accelerator, model: torch.nn.Module) -> PreTrainedModel | None:
     """The full unwrapped model on the main process (None on the others), ready for
     ``progtrain.io.save_checkpoint``. Under DeepSpeed a fresh fp32 CPU copy gathered from the
-    partitions (collective: every rank must call it); otherwise the unwrapped model itself."""
+    partitions (collective: every rank must call it); under FSDP2 the same, gathered parameter by
+    parameter; otherwise the unwrapped model itself."""
+    if _is_fsdp2(accelerator):
+        unwrapped = accelerator.unwrap_model(model)
+        values = {}
+        for name, p in _named_params(unwrapped):
+            t = fsdp.full_tensor(p.detach())
+            if accelerator.is_main_process:
+                values[name] = t.float().cpu()
+            del t
+        return _rebuilt_model(unwrapped, values) if accelerator.is_main_process else None
     if accelerator.distributed_type == DistributedType.FSDP:
         state = accelerator.get_state_dict(model)  # collective; full state dict on the main process
         if not accelerator.is_main_process:
@@ -516,6 +597,24 @@ def zero_param_hooks() -> tuple[Callable[[torch.nn.Parameter], torch.Tensor], Ca
         p.data.copy_(value.to(device=p.device, dtype=p.dtype))
 
     return get_param, set_param
+
+def _picklable_fields(result, *, skip: tuple[str, ...]):
+    """``result`` (a dataclass) with the fields in ``skip`` and those that cannot be pickled (e.g.
+    ``SpaceMaps`` holding an adapter's functions) set to None, for a broadcast to the other ranks."""
+    import dataclasses
+    import pickle
+
+    dropped = {name: None for name in skip}
+    for f in dataclasses.fields(result):
+        if f.name in dropped:
+            continue
+        try:
+            pickle.dumps(getattr(result, f.name))
+        except Exception:  # noqa: BLE001 - any pickling failure: the field stays on the main process
+            dropped[f.name] = None
+    if set(dropped) - set(skip):
+        logger.debug("growth result fields kept on the main process only: %s", sorted(set(dropped) - set(skip)))
+    return dataclasses.replace(result, **dropped)
 
 
 class Engine:
@@ -568,7 +667,7 @@ class Engine:
 
         Raises:
             ProgtrainConfigError: under ZeRO-3 or FSDP (no rank holds a full parameter to scale)."""
-        if self.kind in ("zero3", "fsdp"):
+        if self.kind in ("zero3", "fsdp", "fsdp2"):
             raise ProgtrainConfigError(
                 f"lr_scales / born_warmup_steps / match_dynamics scale each element's update, which needs full "
                 f"parameters on every rank; {self.kind} shards them: use DDP or ZeRO-1/2, or remove those stage options"
@@ -587,9 +686,39 @@ class Engine:
         """:func:`load_moments` into the prepared optimizer."""
         load_moments(self.accelerator, self.model, self.optimizer, moments, step)
 
-    def gather_full_state(self) -> FullState:
-        """:func:`gather_full_state` of the prepared model and optimizer (collective)."""
-        return gather_full_state(self.accelerator, self.model, self.optimizer)
+    def gather_full_state(self, *, main_only: bool = False) -> FullState:
+        """:func:`gather_full_state` of the prepared model and optimizer (collective); ``main_only``:
+        under FSDP2 only the main process builds the full state (see :meth:`grow`)."""
+        return gather_full_state(self.accelerator, self.model, self.optimizer, main_only=main_only)
+
+    def grow(self, full: FullState, grow_fn: Callable[[PreTrainedModel], object]):
+        """``grow_fn(full.model)`` (a :class:`~progtrain.growth.GrowthResult`) on every rank, or, under
+        FSDP2 (``full`` from ``gather_full_state(main_only=True)``), on the main process only: the
+        others receive the result with a meta-device skeleton of the grown model (no memory), and
+        :meth:`prepare` fills their shards from the main process one parameter at a time. Collective.
+
+        Raises:
+            whatever ``grow_fn`` raises, on every rank."""
+        if not _is_fsdp2(self.accelerator):
+            return grow_fn(full.model)
+        import dataclasses
+
+        from accelerate.utils import broadcast_object_list
+
+        res, payload = None, [None]
+        if self.accelerator.is_main_process:
+            try:
+                res = grow_fn(full.model)
+                payload = [(_picklable_fields(res, skip=("model",)), fsdp.plain_class(res.model), res.model.config, None)]
+            except Exception as e:  # the other ranks wait in the broadcast: send them the error
+                payload = [(None, None, None, e)]
+        broadcast_object_list(payload, from_process=0)
+        light, cls, config, error = payload[0]
+        if error is not None:
+            raise error
+        if res is not None:
+            return res
+        return dataclasses.replace(light, model=fsdp.meta_skeleton(cls, config, like=full.model))
 
     def full_model_for_save(self) -> PreTrainedModel | None:
         """:func:`full_model_for_save` of the prepared model (collective)."""
@@ -599,7 +728,8 @@ class Engine:
         """``model`` (full, fp32, CPU), as it can still be saved after :meth:`prepare` takes it and
         before any optimizer step: the model itself where preparing keeps its values in place (one
         process, DDP: at most moved to the device), a CPU copy where the engine takes the module
-        over (DeepSpeed partitions or casts its parameters in place). Saves gathering it back."""
+        over (DeepSpeed partitions or casts its parameters in place; FSDP2 shards a copy). Saves
+        gathering it back."""
         return copy.deepcopy(model) if self._steps_in_backward else model
 
     def release(self) -> None:

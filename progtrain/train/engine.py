@@ -465,7 +465,7 @@ class ProgressiveTrainer:
             return None
         parts = ("ffn", "heads", "layers") if st.mask_steps else ("layers",)
         spec = mask_spec(res.model, res.param_maps, start_step=st.start_step, steps=steps, parts=parts)
-        if st.mask_steps and res.source_sizes.hidden != res.target_sizes.hidden and not res.maps.preserve:
+        if st.mask_steps and res.source_sizes.hidden != res.target_sizes.hidden and not getattr(res.maps, "preserve", True):
             logger.warning("stage %s: hidden size %d -> %d is not masked (see progtrain.train.masks); with init %r "
                            "this growth changes the function", st.name, res.source_sizes.hidden,
                            res.target_sizes.hidden, st.init)
@@ -496,9 +496,9 @@ class ProgressiveTrainer:
         st = cfg.stages[idx - 1]
         before = self._eval() if self.val_dl is not None else None
         t0 = time.perf_counter()
-        full = self.engine.gather_full_state()
-        res = self._grow_model(full.model, st, idx)
-        moments = grow_moments(full.moments, res.param_maps, mode=st.moments)
+        full = self.engine.gather_full_state(main_only=True)  # FSDP2: only the main process holds it
+        res = self.engine.grow(full, lambda model: self._grow_model(model, st, idx))
+        moments = grow_moments(full.moments, res.param_maps, mode=st.moments) if full.moments is not None else {}
         old_shapes = {n: tuple(p.shape) for n, p in full.model.named_parameters()}
         state.births = update_birth_stages(state.births, res.model, res.param_maps, idx)
         state.scales = update_scales(res.param_maps, old_shapes, born_scale=1.0) if st.match_dynamics else None
@@ -552,7 +552,7 @@ class ProgressiveTrainer:
     def _checkpoint(self, boundary: bool = False, full: FullState | None = None) -> None:
         """Checkpoint the run: ``full`` (a stage boundary's grown state) or the engine's state gathered
         now (collective), with the :class:`TrainState` and every rank's RNG streams."""
-        full = full if full is not None else self.engine.gather_full_state()
+        full = full if full is not None else self.engine.gather_full_state(main_only=True)
         sd = self.state.state_dict()
         rng = gather_object([sd.pop("rng")])
         if self.acc.is_main_process:
