@@ -390,7 +390,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="runs in parallel, one process each (default: min(2, cores) = %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job (default: 1)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: 1 seed, 20 + 20 steps, 2 eval batches, each arm's quick_stage (GradInit 5 iterations)")
+                   help="smoke test: 1 seed, 20 + 40 steps, 2 eval batches, each arm's quick_stage (GradInit 5 iterations)")
     p.add_argument("--out", help="report directory (default: benchmarks/results; with --quick: <work-dir>/quick)")
     p.add_argument("--work-dir", default="runs/operators", help="training runs (default: runs/operators)")
     p.add_argument("--machine-note", help="free text on the machine's conditions for the report (e.g. other load)")
@@ -420,7 +420,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
     steps_after = args.steps_after or int(dflt.get("steps_after", 150))
     overrides = list(args.set)
     if args.quick:
-        seeds, steps_before, steps_after = seeds[:1], 20, 20
+        seeds, steps_before, steps_after = seeds[:1], 20, 40
         overrides += ["train.eval_batches=2", "optim.warmup_steps=5", "train.eval_interval=10"]
     if steps_before < 1 or steps_after < 1:
         raise ConfigError("--steps-before and --steps-after must be positive")
@@ -436,7 +436,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
         base = apply_overrides(conf["run"], overrides)
     except Exception as e:
         raise ConfigError(f"--set: {e}") from None
-    late = [a["name"] for a in arms for g in a.get("extra_growths") or [] if g["after"] >= steps_after]
+    late = [a["name"] for a in arms if any(g["after"] >= steps_after for g in a.get("extra_growths") or [])]
     if late:
         raise ConfigError(f"arm(s) {late} grow again past the end of the run: --steps-after must exceed their "
                           f"extra_growths' 'after'")
