@@ -14,6 +14,7 @@ import transformers as T
 from safetensors import safe_open
 
 from progtrain import grow
+from progtrain.arch import get_adapter
 from progtrain.cli import TOLERANCE_TEXT, main
 from progtrain.errors import ProgtrainConfigError
 from progtrain.io import read_growth_history, save_checkpoint
@@ -22,16 +23,21 @@ from tiny_models import FAMILIES, tiny_model
 
 HALF = (torch.bfloat16, torch.float16)
 DT_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-AUTO = {"bert": T.AutoModelForMaskedLM}
+AUTO = {"bert": T.AutoModelForMaskedLM, "roberta": T.AutoModelForMaskedLM}
 
 
 def sizes_for(family: str) -> dict:
     """Width, heads and (pre-norm families) depth growth of a tiny model; exact in exact arithmetic."""
+    from progtrain.arch import get_adapter
+
+    adapter = get_adapter(tiny_model(family).config)
     kw = {"hidden_size": 64, "num_heads": 8}
-    if family != "bert":  # post-norm: depth growth is approximate
+    if adapter.pre_norm:  # post-norm: depth growth is approximate
         kw["num_layers"] = 4
-    if family in ("llama", "mistral", "qwen2"):
+    if adapter.config_keys.get("kv_heads"):
         kw["num_kv_heads"] = 4
+    if get_adapter(tiny_model(family).config).qk_norm == "projection":
+        del kw["num_heads"]  # new heads change a projection-wide q/k norm: approximate by construction
     return kw
 
 

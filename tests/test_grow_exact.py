@@ -1,13 +1,15 @@
 """Function preservation of every operator, alone and combined, on every supported family."""
 
 import copy
+import functools
 
 import pytest
 import torch
 
 from progtrain import grow
+from progtrain.arch import get_adapter
 from progtrain.verify import measure_deviation
-from tiny_models import tiny_model
+from tiny_models import LLAMA_LIKE_TINY, TABLE, table_model, tiny_model
 
 TOL = 1e-5  # max |dlogits| relative to max |logits|, fp32
 
@@ -22,8 +24,10 @@ OPS = {
     "all": dict(hidden_size=64, num_heads=8, intermediate_size=192, num_layers=4),
 }
 
-# head_dim is tied to hidden/heads in these families; "heads" alone would shrink it
-TIED_HD = {f: dict(hidden_size=64, num_heads=8) for f in ("gpt2", "bert", "gpt_neox")}
+# where head_dim is tied to hidden/heads (no head_dim config key), "heads" alone would shrink it
+TIED_HD_HEADS = dict(hidden_size=64, num_heads=8)
+# rotary families whose head_dim is hidden/heads: heads follow the width
+ROTARY_TIED_HD = ("gpt_neox", "gptj")
 
 
 def _variants():
@@ -37,25 +41,54 @@ def _variants():
         yield fam, dict(kv=2, head=False)
     yield "gpt_neox", dict(tie=False)
     yield "gpt_neox", dict(head=False)
+    for fam, (_, _, _, _, gqa, _) in TABLE.items():
+        if gqa:
+            for kv in (4, 2, 1):  # GQA ratios 1, 2, 4; tied and untied; biases on and off
+                yield fam, dict(kv=kv, tie=kv == 2, bias=kv == 1)
+        else:
+            for tie in (True, False):
+                yield fam, dict(tie=tie)
+        yield fam, dict(head=False)
+    for fam in LLAMA_LIKE_TINY:
+        for kv in (4, 2, 1):  # GQA ratios 1, 2, 4
+            yield fam, dict(kv=kv, tie=kv == 2, bias=kv == 1)
+        yield fam, dict(kv=2, head=False)
 
 
 def _ops_for(fam):
     for name, kw in OPS.items():
-        if fam in TIED_HD and name == "heads":
-            kw = TIED_HD[fam]
-        if fam == "gpt_neox" and name == "all":
+        if name == "heads" and not _head_dim_is_free(fam):
+            kw = TIED_HD_HEADS
+        if fam in ROTARY_TIED_HD and name == "all":
             kw = {k: v for k, v in kw.items() if k != "num_heads"}  # rotary: heads follow the width
         yield name, kw
 
 
+@functools.lru_cache(maxsize=None)
+def _head_dim_is_free(fam):
+    return get_adapter(tiny_model(fam).config).head_dim_is_free()
+
+
 CASES = [(fam, var, name, kw) for fam, var in _variants() for name, kw in _ops_for(fam)]
 
+# (family, op) growths approximate by construction beyond the post-norm / fixed-epsilon rules of
+# _expected_exact, with the reason the growth reports
+APPROXIMATE = {
+    **{("olmo2", op): "normalises its query projection over all heads" for op in ("heads", "all")},
+}
 
-def _expected_exact(fam, kw):
-    post_norm = fam == "bert"
+
+def _expected_exact(fam, op, kw, model):
+    """Post-norm families are approximate for non-integer widening and depth, families whose norm
+    epsilon is fixed for non-integer widening; the rest is exact unless listed in APPROXIMATE."""
+    adapter = get_adapter(model)
+    post_norm = not adapter.pre_norm
     nonint = kw.get("hidden_size") == 48
     depth = "num_layers" in kw
-    return not (post_norm and (nonint or depth))
+    fixed_eps = not adapter.config_keys.get("norm_eps")  # eps cannot follow a non-integer widening
+    if (post_norm and (nonint or depth)) or (fixed_eps and nonint):
+        return False
+    return (fam, op) not in APPROXIMATE
 
 
 @pytest.mark.parametrize("fam,var,op,kw", CASES, ids=[f"{f}-{'-'.join(f'{k}{v}' for k, v in v.items())}-{o}" for f, v, o, _ in CASES])
@@ -63,7 +96,9 @@ def test_growth_preserves_function(fam, var, op, kw):
     model = tiny_model(fam, **var)
     res = grow(model, **kw, seed=1)
     dev = res.deviation
-    assert res.exact == _expected_exact(fam, kw), res.notes
+    assert res.exact == _expected_exact(fam, op, kw, model), res.notes
+    if (fam, op) in APPROXIMATE:
+        assert any(APPROXIMATE[fam, op] in n for n in res.notes), res.notes
     # the reported deviation is what an independent measurement gives
     again = measure_deviation(model, res.model, maps=res.maps, seed=1)
     assert again["max_abs"] == pytest.approx(dev["max_abs"], rel=1e-6, abs=1e-12)
@@ -164,3 +199,70 @@ def test_parametrised_model_grows_and_saves_as_plain(tmp_path):
     keys = load_file(str(tmp_path / "ck" / "model.safetensors")).keys()
     assert not any("parametrizations" in k for k in keys)
     assert parametrize.is_parametrized(base.transformer.h[0].mlp.c_fc)  # the live model is untouched
+
+
+# ---------------------------------------------------------------------- width-dependent family maths
+def test_norm_offset_and_embedding_scale_are_compensated():
+    """Gemma: RMSNorm computes x_hat * (1 + w) and the embedding is multiplied by sqrt(hidden). Tiling
+    32 -> 64 with a tied head: embedding rows times sqrt(32/64), the head's input norm's effective gain
+    (1 + w) times 1/(k * sqrt(32/64)) = 1/sqrt(2), stored as c * (1 + w) - 1; block norms keep 1 + w."""
+    model = tiny_model("gemma", tie=True)
+    res = grow(model, hidden_size=64, symmetry_noise=0.0)
+    new = res.model
+    assert float(new.model.embed_tokens.embed_scale) == pytest.approx(8.0)  # sqrt(64), built from the config
+    c = (32 / 64) ** 0.5
+    assert res.maps.embed_mult == pytest.approx(c)
+    old_e, new_e = model.model.embed_tokens.weight, new.model.embed_tokens.weight
+    assert torch.allclose(new_e, torch.cat([old_e, old_e], 1) * c, atol=1e-7)
+    w = model.model.norm.weight
+    assert torch.allclose(new.model.norm.weight, torch.cat([w, w]).add(1) / (2 * c) - 1, atol=1e-6)
+    w = model.model.layers[0].input_layernorm.weight
+    assert torch.allclose(new.model.layers[0].input_layernorm.weight, torch.cat([w, w]), atol=1e-7)
+    assert res.exact and res.deviation["rel"] <= TOL
+    # padding 32 -> 48: block gains (1 + w) * sqrt(32/48), new entries the mean effective gain
+    res = grow(model, hidden_size=48)
+    w = model.model.layers[1].post_attention_layernorm.weight
+    g = (1 + w) * (32 / 48) ** 0.5
+    got = res.model.model.layers[1].post_attention_layernorm.weight
+    assert torch.allclose(got[:32], g - 1, atol=1e-6) and torch.allclose(got[32:], (g.mean() - 1).expand(16), atol=1e-6)
+    assert res.exact and res.deviation["rel"] <= TOL
+
+
+@pytest.mark.parametrize("fam", [f for f in TABLE if "layer_types" in get_adapter(TABLE[f][0]()).config_options])
+@pytest.mark.parametrize("placement", ["interleave", "top", [0, 3]])
+def test_sliding_window_layer_pattern_follows_the_layers(fam, placement):
+    model = table_model(fam, sliding_window=4, layer_types=["full_attention", "sliding_attention"])
+    res = grow(model, num_layers=4, layer_placement=placement)
+    types = res.model.config.layer_types
+    assert types == [model.config.layer_types[s] for s in res.maps.layer_src]
+    for i, layer in enumerate(res.model.model.layers):
+        assert layer.self_attn.sliding_window == (4 if types[i] == "sliding_attention" else None)
+    assert res.exact and res.deviation["rel"] <= TOL  # the 64-token probe crosses the window
+
+
+@pytest.mark.parametrize("head", [True, False])
+@pytest.mark.parametrize("pre", [True, False])
+def test_opt_projections_grow_with_the_stream(head, pre):
+    """word_embed_proj_dim != hidden_size: embedding and head stay, project_in / project_out grow."""
+    model = table_model("opt", head=head, word_embed_proj_dim=16, do_layer_norm_before=pre)
+    res = grow(model, hidden_size=64, num_heads=8, intermediate_size=96)
+    dec = res.model.get_decoder() if head else res.model.decoder
+    assert res.model.config.word_embed_proj_dim == 16 and dec.embed_tokens.weight.shape == (101, 16)
+    assert dec.project_in.weight.shape == (64, 16) and dec.project_out.weight.shape == (16, 64)
+    assert res.exact and res.deviation["rel"] <= TOL
+    # without projections word_embed_proj_dim follows hidden_size (else the grown model would get them)
+    plain = table_model("opt", head=head, do_layer_norm_before=pre, tie_word_embeddings=False)
+    res = grow(plain, hidden_size=64, num_heads=8)
+    assert res.model.config.word_embed_proj_dim == 64
+    assert (res.model.get_decoder() if head else res.model.decoder).project_in is None
+    assert res.exact and res.deviation["rel"] <= TOL
+
+
+def test_fixed_norm_epsilon_non_integer_widening_is_reported():
+    """OPT's LayerNorm epsilon is not a config option: widening 32 -> 48 cannot rescale it; the note says
+    so, the deviation is measured and small, and integer multiples stay exact."""
+    model = tiny_model("opt")
+    res = grow(model, hidden_size=48)
+    assert res.exact is False and any("fixed epsilon" in n for n in res.notes)
+    assert TOL < res.deviation["rel"] < 1e-2
+    assert grow(model, hidden_size=96).exact

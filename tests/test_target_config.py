@@ -18,7 +18,7 @@ from progtrain.cli import main
 from progtrain.errors import ProgtrainConfigError
 from progtrain.growth.spec import GrowthSpec
 from progtrain.train.config import from_dict
-from tiny_models import FAMILIES, perturb, tiny_model
+from tiny_models import FAMILIES, LLAMA_LIKE_TINY, TABLE, perturb, tiny_model
 
 core = importlib.import_module("progtrain.growth.core")  # the module (progtrain.growth.grow is the function)
 
@@ -185,8 +185,17 @@ GQA_GROWTHS = [
     {"num_heads": 8, "num_kv_heads": 4},
     {"hidden_size": 48, "num_heads": 6, "num_kv_heads": 3},
 ]
+# head_dim tied to hidden/heads: more heads need a wider model
+GQA_GROWTHS_TIED_HD = [
+    {"hidden_size": 64, "num_heads": 8, "num_kv_heads": 4},
+    {"hidden_size": 48, "num_heads": 6, "num_kv_heads": 3},
+]
 CASES = [(f, g) for f in FAMILIES for g in COMMON_GROWTHS] + [
-    (f, g) for f in ("llama", "mistral", "qwen2") for g in GQA_GROWTHS
+    (f, g) for f in ("llama", "mistral", "qwen2", *(f for f, row in TABLE.items() if row[4])) for g in GQA_GROWTHS
+] + [
+    (f, g)
+    for f in LLAMA_LIKE_TINY
+    for g in (GQA_GROWTHS if get_adapter(tiny_model(f).config).head_dim_is_free() else GQA_GROWTHS_TIED_HD)
 ]
 
 

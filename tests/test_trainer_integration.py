@@ -269,6 +269,8 @@ def test_stages_from_run_yaml_and_fractions(tmp_path):
     ({"start_step": 2, "grow": {"hidden_size": 64}, "lr_scales": True}, r"stages\[0\] \(stage1\)\.lr_scales"),
     ({"start_step": 2, "grow": {"hidden_size": 64}, "born_warmup_steps": 3}, r"\.born_warmup_steps"),
     ({"start_step": 2, "grow": {"hidden_size": 64}, "match_dynamics": True}, r"\.match_dynamics"),
+    ({"start_step": 2, "grow": {"hidden_size": 64}, "mask_steps": 2}, r"\.mask_steps"),
+    ({"start_step": 2, "grow": {"hidden_size": 64}, "moments": "keep"}, r"\.moments='keep' is not one of"),
     ({"start_tokens": 512, "grow": {"hidden_size": 64}}, r"\.start_tokens"),
     ({"start_step": 8, "grow": {"hidden_size": 64}}, r"at or after TrainingArguments\.max_steps=8"),
     ({"start_step": 2, "grow": {"hidden_size": 16}}, r"stages\[0\]"),

@@ -1,6 +1,9 @@
 """Architecture adapters (one module per family). Importing this package registers them all."""
 
-from . import bert, gpt2, gpt_neox, llama, mistral, qwen2  # noqa: F401  (registration side effects)
+from . import (  # noqa: F401  (registration side effects)
+    bert, gemma, gemma2, gemma3, gpt2, gpt_neox, gptj, granite, llama, mistral, olmo2, opt, phi3, qwen2, qwen3,
+    roberta, stablelm,
+)
 from .base import (
     ROLES,
     ArchAdapter,

@@ -19,6 +19,7 @@ axis tag            meaning
 ``k.out``/``v.out`` key/value heads x head_dim produced
 ``o.in``            attention heads x head_dim consumed by the output projection
 ``qkv.out``         fused q|k|v output; its layout is the adapter's ``fused_qkv`` field
+``gate_up.out``     fused [gate | up] FFN output: two halves of FFN units each (Phi-3)
 ``None``            a dimension that never grows (vocab, positions, token types)
 ==================  ============================================================================
 
@@ -65,6 +66,7 @@ AXIS_TAGS = frozenset(
         "v.out",
         "o.in",
         "qkv.out",
+        "gate_up.out",
     }
 )
 
@@ -92,6 +94,12 @@ ROLES: dict[str, str] = {
     "head_transform": "dense transform of a masked-LM head before its norm",
     "head": "LM / MLM decoder reading the stream (tied to embed or not)",
     "head_bias": "output bias of the LM / MLM decoder (one per vocabulary entry)",
+    "q_norm": "query norm before the dot product: per head over head_dim (Qwen3, Gemma 3) or over the whole "
+              "projection (OLMo2); see the adapter's qk_norm",
+    "k_norm": "key norm before the dot product, as q_norm",
+    "gate_up": "fused [gate|up] projection of a gated FFN (layout: the gate_up.out axis tag)",
+    "embed_proj": "projection from a narrower embedding into the stream (OPT project_in)",
+    "head_proj": "projection from the stream to a narrower head input (OPT project_out)",
 }
 
 # Roles whose output is added to the residual stream inside a block: zero them and the block is the
@@ -99,6 +107,8 @@ ROLES: dict[str, str] = {
 BLOCK_OUTPUT_ROLES = frozenset({"o", "down"})
 # Role of the norm whose output only the LM head reads (scaled by 1/k under tiling with a tied head).
 HEAD_INPUT_NORM_ROLE = "final_norm"
+# Role of the token embedding: the tensor ``embed_scale`` (when an adapter has one) multiplies.
+EMBED_ROLE = "embed"
 
 
 @dataclass(frozen=True)
@@ -128,10 +138,14 @@ class ConfigOption:
         allowed: None when every value is handled (the growth models the option and stays exact);
             otherwise the values the growth handles; any other value is refused before a tensor is
             built, with :class:`UnsupportedArchitectureError` naming the option.
+        fixes: :class:`Sizes` fields (``"heads"``, ``"kv_heads"`` ...) the growth cannot change while
+            the option is set (truthy): a growth that changes one is refused before a tensor is
+            built, naming the option (e.g. one norm module per head, named by its head index).
     """
 
     how: str
     allowed: tuple[Any, ...] | None = None
+    fixes: tuple[str, ...] = ()
 
     def accepts(self, value: Any) -> bool:
         return self.allowed is None or value in self.allowed
@@ -187,7 +201,8 @@ class ArchAdapter:
         model_types: ``config.model_type`` values this adapter handles.
         layers_path: path of the ``nn.ModuleList`` of blocks inside the base model.
         params: non-layer base-model parameters (embeddings, final norm).
-        layer_params: per-block parameters, relative to ``{layers_path}.{i}.``.
+        layer_params: per-block parameters, relative to ``{layers_path}.{i}.``; ``*`` stands for the
+            index in a module list inside the block (``self_attn.q_layernorm.norms.*.weight``).
         head_params: task-head parameters (LM head, MLM transform, pooler lives in ``params``).
         config_keys: config attribute for each size: ``hidden``, ``heads``, ``kv_heads`` (None =
             no GQA), ``ffn``, ``layers``, ``head_dim`` (None = head_dim is hidden/heads), ``norm_eps``.
@@ -196,8 +211,9 @@ class ArchAdapter:
             (GPT-2, Llama); False for post-norm (BERT), where identity blocks and non-integer
             widening are approximate.
         rotary: True when positions are rotary (head_dim must stay fixed).
-        fused_qkv: layout of a fused q|k|v projection: ``"concat"`` ([q|k|v] along the output, GPT-2)
-            or ``"per_head"`` ((heads, 3, head_dim), GPT-NeoX); None when q, k, v are separate.
+        fused_qkv: layout of a fused q|k|v projection: ``"concat"`` ([q|k|v] along the output, GPT-2;
+            k and v have ``kv_heads`` heads each, Phi-3) or ``"per_head"`` ((heads, 3, head_dim),
+            GPT-NeoX); None when q, k, v are separate.
         per_layer_config_keys: config attributes holding one entry per layer (rebuilt on depth growth:
             each grown layer takes the entry of the old layer it comes from).
         layer_threshold_config_keys: config attributes holding a layer index from which layers behave
@@ -211,6 +227,27 @@ class ArchAdapter:
             block's query rows by old scale / new scale, which keeps q.k * scale unchanged.
         config_options: config attribute -> :class:`ConfigOption`, every option of the family's config
             class that changes the maths; checked by :meth:`check_options` before growing.
+        norm_offset: the norms compute ``x_hat * (norm_offset + weight)`` (Gemma's RMSNorm: 1.0); the
+            growth scales the effective gain ``norm_offset + weight`` and stores ``c * (norm_offset +
+            weight) - norm_offset`` (applied once, in :func:`progtrain.growth.grow`, to every tensor
+            with a ``hidden.gain`` axis).
+        embed_scale: ``(config, hidden_size) -> float``, the factor the model multiplies the token
+            embedding's output by at width ``hidden_size`` (Gemma: ``sqrt(hidden_size)``); None = 1.
+            When the width changes the growth multiplies the ``embed`` rows by old / new factor (and a
+            tied head's input norm by its inverse), so the stream is unchanged.
+        hidden_follow_keys: config attributes that equal the hidden size and follow it when it grows
+            (OPT ``word_embed_proj_dim`` without projections); left alone when they differ from it.
+        for_config: ``(adapter, config) -> adapter``, the adapter of one config when the parameter
+            layout depends on config values (OPT's optional ``project_in``/``project_out``);
+            :func:`get_adapter` applies it. None: the same adapter for every config.
+        qk_norm: where the family normalises queries and keys (roles ``q`` and ``k``) before the
+            dot product, with the config's ``norm_eps``: None (no q/k norm), ``"head"`` (over each
+            head's head_dim, Qwen3-style: exact under every growth, head_dim being fixed) or
+            ``"projection"`` (over the whole heads x head_dim projection, OLMo2-style: adding query
+            or key/value heads changes the norm's statistics, so head growth is approximate). A
+            norm divides out any row scale but the epsilon, so a non-integer widening, which scales
+            ``norm_eps`` by d/D, scales the ``q``/``k`` rows by sqrt(d/D) to keep them exact; and a
+            changed attention scale cannot be put on the query rows (reported approximate).
     """
 
     name: str
@@ -229,10 +266,17 @@ class ArchAdapter:
     default_ffn: Callable[[PretrainedConfig], int] | None = None
     attention_scale: Callable[[PretrainedConfig, int, int], float] = default_attention_scale
     config_options: dict[str, ConfigOption] = field(default_factory=dict)
+    norm_offset: float = 0.0
+    embed_scale: Callable[[PretrainedConfig, int], float] | None = None
+    hidden_follow_keys: tuple[str, ...] = ()
+    for_config: Callable[["ArchAdapter", PretrainedConfig], "ArchAdapter"] | None = None
+    qk_norm: str | None = None
     _layer_re: re.Pattern | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.config_options = {**COMMON_OPTIONS, **self.config_options}
+        if self.qk_norm not in (None, "head", "projection"):
+            raise ValueError(f"{self.name}: qk_norm must be None, 'head' or 'projection', got {self.qk_norm!r}")
 
     # ------------------------------------------------------------------ sizes and config
     def read_sizes(self, config: PretrainedConfig) -> Sizes:
@@ -297,10 +341,15 @@ class ArchAdapter:
             layer_sources = [min(i, old_layers - 1) for i in range(sizes.layers)]
         if len(layer_sources) != sizes.layers:
             raise ValueError(f"layer_sources has {len(layer_sources)} entries for {sizes.layers} layers")
+        self._check_fixed_sizes(config, sizes)
         new = copy.deepcopy(config)
         k = self.config_keys
         try:
+            old_hidden = getattr(config, k["hidden"])
             setattr(new, k["hidden"], sizes.hidden)
+            for key in self.hidden_follow_keys:
+                if getattr(config, key, None) == old_hidden:
+                    setattr(new, key, sizes.hidden)
             setattr(new, k["heads"], sizes.heads)
             if k.get("kv_heads"):
                 setattr(new, k["kv_heads"], sizes.kv_heads)
@@ -344,6 +393,26 @@ class ArchAdapter:
             isinstance(getattr(config, k, None), (list, tuple)) and len(getattr(config, k)) == layers
             for k in self.per_layer_config_keys
         )
+
+    def _check_fixed_sizes(self, config: PretrainedConfig, sizes: Sizes) -> None:
+        """Refuse sizes that change what a set option fixes (``ConfigOption.fixes``).
+
+        Raises:
+            UnsupportedArchitectureError: one line naming the option, the size and what can grow.
+        """
+        src = self.read_sizes(config)
+        for attr, opt in self.config_options.items():
+            if not opt.fixes or not getattr(config, attr, None):
+                continue
+            changed = [f for f in opt.fixes if getattr(sizes, f) != getattr(src, f)]
+            if changed:
+                names = {"hidden": "hidden_size", "heads": "num_heads", "kv_heads": "num_kv_heads",
+                         "head_dim": "head_dim", "ffn": "intermediate_size", "layers": "num_layers"}
+                what = ", ".join(f"{names[f]} {getattr(src, f)} -> {getattr(sizes, f)}" for f in changed)
+                raise UnsupportedArchitectureError(
+                    f"{self.name}: config.{attr}={getattr(config, attr)!r} fixes {what}: {opt.how}; keep "
+                    f"{' and '.join(names[f] for f in opt.fixes)} as they are"
+                )
 
     def target_config(
         self,
@@ -417,8 +486,12 @@ class ArchAdapter:
         if rel in self.params:
             return self.params[rel], None, rel
         m = self._layer_pattern().match(rel)
-        if m and m.group(2) in self.layer_params:
-            return self.layer_params[m.group(2)], int(m.group(1)), m.group(2)
+        if m:
+            suffix = m.group(2)
+            # a module list inside a block (one norm per head): its entries share one spec, "...norms.*.weight"
+            spec = self.layer_params.get(suffix) or self.layer_params.get(re.sub(r"(?<=\.)\d+(?=\.)", "*", suffix))
+            if spec is not None:
+                return spec, int(m.group(1)), suffix
         raise UnsupportedArchitectureError(
             f"parameter {name!r} is not described by the {self.name} adapter (a task head or module "
             f"progtrain does not know). Grow the base model or a supported head "
@@ -481,7 +554,8 @@ def get_adapter(model_or_config: PreTrainedModel | PretrainedConfig) -> ArchAdap
             f"{', '.join(supported_model_types())}. To add a family, write an adapter module in "
             f"progtrain/arch/ (see progtrain/arch/llama.py)."
         )
-    return _REGISTRY[mt]
+    adapter = _REGISTRY[mt]
+    return adapter if adapter.for_config is None else adapter.for_config(adapter, config)
 
 
 def iter_params(model: PreTrainedModel) -> Iterator[tuple[str, torch.nn.Parameter]]:

@@ -22,7 +22,7 @@ from ..arch.base import BLOCK_OUTPUT_ROLES, Sizes, base_prefix, get_adapter, has
 from ..carry import carry_generation_config
 from ..errors import ProgtrainConfigError
 from ..init.base import GrowthContext, TensorGrowth
-from .plan import FREE, ZERO, ParamMap, SpaceMaps, apply_plans
+from .plan import FREE, OLD, ZERO, ParamMap, SpaceMaps, apply_plans
 from .spec import INIT_DRAWS, GrowthPlan, GrowthSpec, plan_growth
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,23 @@ def _fan_in(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> int:
     if n == 1:  # embeddings: fan-in is the one-hot vocab axis
         n = shape[0] if axes[0] is None else shape[-1]
     return n
+
+
+def _stored_gain(
+    value: torch.Tensor, built: torch.Tensor, old: torch.Tensor, plans: list, status: torch.Tensor, offset: float
+) -> torch.Tensor:
+    """The stored weight ``w`` of a norm computing ``x_hat * (offset + w)`` (``adapter.norm_offset``),
+    from the grown effective gain ``value`` (what the plans and the init strategy produced).
+
+    ``value - offset`` in fp32 loses the low bits of ``w`` (``(1 + w) - 1 != w``). Elements the strategy
+    left as the plans built them (``built``) are recomputed from ``w`` directly instead:
+    ``c * (offset + w) - offset = c * w + (c - 1) * offset`` with ``c`` the plans' multiplier, so an
+    element copied unscaled keeps its bits and an old layer's norm is bit-identical to its source's."""
+    throwaway = torch.Generator().manual_seed(0)  # no noise on gains; the growth's generator is untouched
+    w_planned, _ = apply_plans(old, plans, 0.0, throwaway)
+    mult, _ = apply_plans(torch.ones_like(old, dtype=torch.float32), plans, 0.0, throwaway)
+    untouched = (status == OLD) & (value == built)
+    return torch.where(untouched, w_planned + (mult - 1.0) * offset, value - offset)
 
 
 def _param_dtype(
@@ -266,7 +283,10 @@ def grow(
             old_name = adapter.layer_param_name(prefix, maps.layer_src[layer], suffix)
         old = old_params[old_name]
         plans = [maps.plan(tag, pspec.role, layer) if tag else None for tag in pspec.axes]
-        value, status = apply_plans(old, plans, noise, gen)
+        # a norm computing x_hat * (offset + w) grows its effective gain offset + w (adapter.norm_offset)
+        offset = adapter.norm_offset if "hidden.gain" in pspec.axes else 0.0
+        old_eff = old.detach().float() + offset if offset else old
+        value, status = apply_plans(old_eff, plans, noise, gen)
         if new_layer:
             _make_new_layer_tensor(maps.layer_init[layer], pspec, value, status)
         if tuple(value.shape) != tuple(p_new.shape):
@@ -280,14 +300,17 @@ def grow(
             value=value,
             free=status == FREE,
             born=born,
-            old=old.detach().float(),
+            old=old_eff.detach().float(),
             fan_in_old=_fan_in(tuple(old.shape), pspec.axes),
             fan_in_new=_fan_in(tuple(value.shape), pspec.axes),
             new_layer=new_layer,
             config=new_config,
             generator=gen,
         )
+        built = tg.value.clone() if offset else None
         strategy.init_tensor(tg)
+        if offset:
+            tg.value = _stored_gain(tg.value, built, old, plans, status, offset)
         state[name] = tg.value.to(_param_dtype(name, old.dtype, src_dtype, out_dtype, new_model))
         param_maps[name] = pmap
 

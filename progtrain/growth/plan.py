@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..arch.base import HEAD_INPUT_NORM_ROLE, ArchAdapter, Sizes
+from ..arch.base import EMBED_ROLE, HEAD_INPUT_NORM_ROLE, ArchAdapter, Sizes
 
 if TYPE_CHECKING:
     from .spec import GrowthPlan
@@ -92,6 +92,27 @@ def _gqa_head_maps(h: int, kv: int, h2: int, kv2: int) -> tuple[list[int], list[
     return q_src, kv_src
 
 
+def _concat_plans(parts: list[AxisPlan], old_sizes: list[int]) -> AxisPlan:
+    """The plan of an axis that concatenates several spaces (fused [q|k|v], [gate|up]): part ``i``'s
+    plan, its old indices shifted by the old sizes of the parts before it."""
+    src, offset = [], 0
+    for p, n in zip(parts, old_sizes):
+        src.append(torch.where(p.src >= 0, p.src + offset, p.src))
+        offset += n
+    return AxisPlan(
+        torch.cat(src), torch.cat([p.scale for p in parts]), torch.cat([p.fill for p in parts])
+    )
+
+
+def _changes_projection_statistics(heads_src: list[int]) -> bool:
+    """True when a norm over a whole attention projection sees other statistics after a head growth:
+    some grown head is new, or the old heads are copied unequally often (equal copies keep the mean)."""
+    if any(h < 0 for h in heads_src):
+        return True
+    counts = {h: heads_src.count(h) for h in set(heads_src)}
+    return len(set(counts.values())) > 1
+
+
 @dataclass
 class SpaceMaps:
     """Everything the operators need to know about one growth, independent of any tensor.
@@ -112,6 +133,7 @@ class SpaceMaps:
     layer_new: list[bool]
     eps_scale: float = 1.0
     q_scale: list[float] | None = None  # per grown layer: multiplier of the old query rows
+    embed_mult: float = 1.0  # multiplier of the embedding rows: old / new adapter.embed_scale
     _cache: dict = field(default_factory=dict, repr=False)
 
     layer_init: list[str | None] = field(default_factory=list)  # per grown layer: GrowthPlan.layer_init
@@ -134,9 +156,13 @@ class SpaceMaps:
             law(cfg, j, src.head_dim) / law(cfg, i, tgt.head_dim) if preserve else 1.0
             for i, j in enumerate(layer_src)
         ]
+        # keep the stream when the model multiplies the embedding by a width-dependent factor
+        embed_mult = 1.0
+        if preserve and adapter.embed_scale is not None:
+            embed_mult = adapter.embed_scale(cfg, src.hidden) / adapter.embed_scale(cfg, tgt.hidden)
         return cls(
             adapter, src, tgt, preserve, tied_head, plan.hidden_mode, q_src, kv_src, layer_src,
-            list(plan.layer_new), plan.eps_scale, q_scale, layer_init=list(plan.layer_init),
+            list(plan.layer_new), plan.eps_scale, q_scale, embed_mult=embed_mult, layer_init=list(plan.layer_init),
         )
 
     # ------------------------------------------------------------------ exactness
@@ -147,6 +173,13 @@ class SpaceMaps:
         notes = []
         if not self.preserve:
             notes.append("the init strategy does not preserve the function")
+        if self.preserve and self.hidden_mode == "pad" and not self.adapter.config_keys.get("norm_eps"):
+            notes.append(
+                f"{self.adapter.name} norms have a fixed epsilon (not a config option), which non-integer "
+                f"widening ({self.src.hidden}->{self.tgt.hidden}) would have to scale by "
+                f"{self.src.hidden}/{self.tgt.hidden}: approximate by about eps / (stream variance); integer "
+                f"multiples are exact"
+            )
         if not self.adapter.pre_norm:
             if self.hidden_mode == "pad":
                 notes.append(
@@ -166,6 +199,20 @@ class SpaceMaps:
                 f"depth_init=copy: new layer(s) {copies} are copies of trained layers with their outputs kept, "
                 f"so they change the function (use copy_zero_out or zero_out to keep it)"
             )
+        qk_norm = self.adapter.qk_norm
+        if qk_norm and self.preserve and any(abs(q - 1.0) > 1e-12 for q in self.q_scale or ()):
+            notes.append(
+                f"{self.adapter.name} normalises queries before the dot product: the attention-scale "
+                f"change of this growth cannot be carried by the query rows, so it is approximate"
+            )
+        if qk_norm == "projection" and self.preserve:
+            for what, heads_src in (("query", self.q_src), ("key/value", self.kv_src)):
+                if _changes_projection_statistics(heads_src):
+                    notes.append(
+                        f"{self.adapter.name} normalises its {what} projection over all heads together: "
+                        f"new {what} heads change that norm's statistics, so growing them is approximate "
+                        f"(grow hidden size, FFN or depth for an exact growth)"
+                    )
         return notes
 
     # ------------------------------------------------------------------ axis plans
@@ -175,12 +222,15 @@ class SpaceMaps:
         qs = 1.0
         if tag in ("q.out", "qkv.out") and layer is not None and self.q_scale is not None:
             qs = self.q_scale[layer]
-        key = (tag, role == HEAD_INPUT_NORM_ROLE, qs)
+        # q/k rows read by a q/k norm sharing the stream norms' epsilon (scaled by d/D on a non-integer
+        # widening): scaling the rows by sqrt(d/D) gives the norm its old epsilon back
+        rs = math.sqrt(self.eps_scale) if (self.adapter.qk_norm and role in ("q", "k")) else 1.0
+        key = (tag, role == HEAD_INPUT_NORM_ROLE, role == EMBED_ROLE, qs, rs)
         if key not in self._cache:
-            self._cache[key] = self._make_plan(tag, role, qs)
+            self._cache[key] = self._make_plan(tag, role, qs, rs)
         return self._cache[key]
 
-    def _make_plan(self, tag: str, role: str, q_scale: float = 1.0) -> AxisPlan:
+    def _make_plan(self, tag: str, role: str, q_scale: float = 1.0, row_scale: float = 1.0) -> AxisPlan:
         s, t, keep = self.src, self.tgt, self.preserve
         space, _, kind = tag.partition(".")
         if space == "hidden":
@@ -189,33 +239,44 @@ class SpaceMaps:
             return _plan(_pad(s.ffn, t.ffn), new_fill=FREE if (kind == "out" or not keep) else ZERO)
         if tag == "qkv.out":
             return self._fused_qkv_plan(q_scale)
+        if tag == "gate_up.out":  # [gate | up]: the FFN plan in each half
+            ffn = self._make_plan("ffn.out", role)
+            return _concat_plans([ffn, ffn], [s.ffn, s.ffn])
         if space in ("q", "k", "v", "o"):
-            return self._head_plan(space, q_scale)
+            return self._head_plan(space, q_scale, row_scale)
         raise ValueError(f"no plan for axis tag {tag!r}")
 
     def _hidden_plan(self, kind: str, role: str) -> AxisPlan:
         d, D = self.src.hidden, self.tgt.hidden
         if self.hidden_mode == "same":
             return _plan(list(range(d)))
+        # the embedding rows times embed_mult keep the stream; a tied head reads them, so the norm
+        # before it takes the inverse
+        m = 1.0
+        if self.preserve and kind != "in":
+            if role == EMBED_ROLE and kind == "out":
+                m = self.embed_mult
+            elif role == HEAD_INPUT_NORM_ROLE and self.tied_head:
+                m = 1.0 / self.embed_mult
         if self.hidden_mode == "tile":
             k = D // d
             src = torch.arange(D) % d
             if kind == "in":
                 return _plan(src, scale=1.0 / k, group=src)
             scale = 1.0 / k if (role == HEAD_INPUT_NORM_ROLE and self.tied_head) else 1.0
-            return _plan(src, scale=scale)
+            return _plan(src, scale=scale * m)
         # pad: exact for pre-norm families with the norm-gain/eps compensation, see DESIGN.md 3
         if not self.preserve:
             return _plan(_pad(d, D), new_fill=FREE)
         if kind == "out":
-            return _plan(_pad(d, D), new_fill=MEAN if self.adapter.norm == "layernorm" else ZERO)
+            return _plan(_pad(d, D), scale=m, new_fill=MEAN if self.adapter.norm == "layernorm" else ZERO)
         if kind == "in":
             return _plan(_pad(d, D), new_fill=FREE)
         if kind == "gain":
-            return _plan(_pad(d, D), scale=math.sqrt(d / D), new_fill=MEAN)
-        return _plan(_pad(d, D), new_fill=ZERO)  # shift
+            return _plan(_pad(d, D), scale=math.sqrt(d / D) * m, new_fill=MEAN)
+        return _plan(_pad(d, D), scale=m, new_fill=ZERO)  # shift
 
-    def _head_plan(self, part: str, q_scale: float = 1.0) -> AxisPlan:
+    def _head_plan(self, part: str, q_scale: float = 1.0, row_scale: float = 1.0) -> AxisPlan:
         s, t, keep = self.src, self.tgt, self.preserve
         heads_src = self.kv_src if part in ("k", "v") else self.q_src
         hd, hd2 = s.head_dim, t.head_dim
@@ -238,6 +299,8 @@ class SpaceMaps:
                         fill.append(FREE)
         # q_scale (attention-scale law: sqrt(hd2/hd) for a wider head under 1/sqrt(head_dim)) keeps q.k * scale
         scale = q_scale if (keep and part == "q") else 1.0
+        if part in ("q", "k"):
+            scale *= row_scale  # 1 unless a q/k norm needs its epsilon compensated (see plan())
         p = _plan(src, scale=scale)
         p.fill = torch.tensor(fill, dtype=torch.int8)
         return p
@@ -245,21 +308,23 @@ class SpaceMaps:
     def _fused_qkv_plan(self, q_scale: float = 1.0) -> AxisPlan:
         s, t = self.src, self.tgt
         parts = [self._head_plan(x, q_scale) for x in ("q", "k", "v")]
-        n_old, n_new = s.heads * s.head_dim, t.heads * t.head_dim
         hd, hd2 = s.head_dim, t.head_dim
         layout = self.adapter.fused_qkv
+        if layout == "concat":  # [q | k | v], k and v with kv_heads heads (GQA) or heads
+            kv_old = s.kv_heads * hd
+            return _concat_plans(parts, [s.heads * hd, kv_old, kv_old])
+        if s.kv_heads != s.heads or t.kv_heads != t.heads:
+            raise ValueError("a per-head fused q|k|v layout has one k and one v per query head (no GQA)")
         src, scale, fill = [], [], []
-        for n in range(3 * n_new):
-            if layout == "concat":
-                p, r = divmod(n, n_new)
-            else:  # per_head: (heads, 3, head_dim)
-                h2, rem = divmod(n, 3 * hd2)
-                p, e = divmod(rem, hd2)
-                r = h2 * hd2 + e
+        for n in range(3 * t.heads * hd2):
+            # per_head: (heads, 3, head_dim)
+            h2, rem = divmod(n, 3 * hd2)
+            p, e = divmod(rem, hd2)
+            r = h2 * hd2 + e
             plan = parts[p]
             o = int(plan.src[r])
             if o >= 0:
-                o = p * n_old + o if layout == "concat" else (o // hd) * 3 * hd + p * hd + o % hd
+                o = (o // hd) * 3 * hd + p * hd + o % hd
             src.append(o)
             scale.append(float(plan.scale[r]))
             fill.append(int(plan.fill[r]))

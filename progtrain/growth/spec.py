@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ..arch.base import ArchAdapter, Sizes
-from ..errors import ProgtrainConfigError
+from ..errors import ProgtrainConfigError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -318,6 +318,8 @@ class GrowthSpec:
         """:meth:`ArchAdapter.target_config`, its error completed with the nearest accepted sizes."""
         try:
             return adapter.target_config(config, tgt, eps_scale, layer_sources=sources)
+        except UnsupportedArchitectureError:
+            raise  # the family cannot grow these sizes at all (ConfigOption.fixes): no size to suggest
         except ProgtrainConfigError as e:
             raise ProgtrainConfigError(f"{e}; {self._suggest(config, adapter, src, tgt)}") from None
 

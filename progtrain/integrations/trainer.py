@@ -35,11 +35,12 @@ gradients are zero there) :meth:`ProgressiveTrainer.training_step` grows the mod
   ``progtrain train``.
 
 **Per-stage options.** ``grow``, ``init``, ``init_kwargs``, ``seed``, ``rewarm_steps``,
-``fade_in_steps`` (MSG-style fade-in of new blocks, :mod:`progtrain.train.fade`) and
+``fade_in_steps`` (MSG-style fade-in of new blocks, :mod:`progtrain.train.masks`), ``moments``
+(:func:`~progtrain.train.surgery.grow_moments`) and
 ``calib_batches`` (batches of the training set handed to data-driven init strategies) are honoured;
 a stage starts at ``start_step`` or at ``start`` (a fraction of ``TrainingArguments.max_steps``).
 ``lr_scales``, ``born_warmup_steps``, ``match_dynamics`` (per-element update scales that would have to
-survive ``Trainer``'s checkpoints) and ``start_tokens`` are refused with an error naming the option.
+survive ``Trainer``'s checkpoints), ``mask_steps`` and ``start_tokens`` are refused with an error naming the option.
 
 **Checkpoint / resume.** ``Trainer``'s own checkpoints hold the grown model (its ``config.json`` has
 the grown sizes). :meth:`ProgressiveTrainer.train` with ``resume_from_checkpoint`` reads the
@@ -85,9 +86,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..arch import get_adapter
 from ..arch.base import iter_params
 from ..errors import ProgtrainConfigError
-from ..growth.spec import GrowthSpec, new_layer_positions
+from ..growth.spec import GrowthSpec, plan_growth
 from ..train.config import StageConfig, _build
-from ..train.surgery import MOMENT_KEYS, grow_moments
+from ..train.surgery import MOMENT_KEYS, MOMENT_MODES, grow_moments
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ _UNSUPPORTED = {
     "lr_scales": "per-birth-stage update scales",
     "born_warmup_steps": "per-element update ramps",
     "match_dynamics": "per-element update scales",
+    "mask_steps": "masks of new FFN units and heads kept in the run's state; fade_in_steps masks new layers",
 }
 
 
@@ -143,6 +145,8 @@ def _parse_stage(i: int, entry: Any, max_steps: int) -> StageConfig:
                 f"stages[{i}] ({name}).{key}: ProgressiveTrainer does not support {key} ({what}); remove it, or "
                 f"train with `progtrain train` which does"
             )
+    if st.moments not in MOMENT_MODES:
+        raise ProgtrainConfigError(f"stages[{i}] ({name}).moments={st.moments!r} is not one of {', '.join(MOMENT_MODES)}")
     if st.start_tokens is not None:
         raise ProgtrainConfigError(
             f"stages[{i}] ({name}).start_tokens: ProgressiveTrainer counts optimizer steps; give start_step, or start "
@@ -166,9 +170,14 @@ def _parse_stage(i: int, entry: Any, max_steps: int) -> StageConfig:
         v = getattr(st, key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ProgtrainConfigError(f"stages[{i}] ({name}).{key} must be a non-negative integer, got {v!r}")
-    if not isinstance(st.grow, dict) or not st.grow:
+    if not isinstance(st.grow, (dict, GrowthSpec)) or not st.grow:
         raise ProgtrainConfigError(f"stages[{i}] ({name}): grow must map sizes to grow (e.g. grow: {{hidden_size: 128}})")
     return st
+
+
+def _spec(st: Any) -> GrowthSpec:
+    """A stage's growth request as a :class:`GrowthSpec` (run configs already hold one; a dict is converted)."""
+    return st.grow if isinstance(st.grow, GrowthSpec) else GrowthSpec.from_dict(dict(st.grow))
 
 
 def _rng_fork() -> contextlib.AbstractContextManager:
@@ -270,12 +279,12 @@ class ProgressiveTrainer(Trainer):
         self._positions: list[list[int]] = [[]]
         for i, st in enumerate(self.stages):
             try:
-                spec = GrowthSpec.from_dict(dict(st.grow))
-                tgt, hf = spec.resolve_config(hf, adapter)
+                plan = plan_growth(hf, _spec(st), st.init, st.init_kwargs)
             except ProgtrainConfigError as e:
                 raise ProgtrainConfigError(f"stages[{i}] ({st.name}): {e}") from None
-            self._positions.append(new_layer_positions(self._sizes[-1].layers, tgt.layers, spec.layer_placement))
-            self._sizes.append(tgt)
+            hf = plan.target_config
+            self._positions.append(list(plan.new_layer_positions))
+            self._sizes.append(plan.target_sizes)
 
     def stage_at(self, step: int) -> int:
         """The stage that optimizer step ``step`` (0-based) trains in: the number of growths with
@@ -394,9 +403,9 @@ class ProgressiveTrainer(Trainer):
         seed = self.args.seed + idx if st.seed is None else st.seed
         device = next(m.parameters()).device
         with _rng_fork():
-            res = grow(m, GrowthSpec.from_dict(dict(st.grow)), init=strategy, seed=seed, data=data)
+            res = grow(m, _spec(st), init=strategy, seed=seed, data=data)
         new = res.model.to(device)
-        grown_moments = grow_moments(moments, res.param_maps, factors=True)
+        grown_moments = grow_moments(moments, res.param_maps, mode=st.moments)
         del moments
         self._move_into(m, new)
 
@@ -440,7 +449,7 @@ class ProgressiveTrainer(Trainer):
         self.log(logs)
 
     def _start_fade(self, idx: int, since: int) -> None:
-        from ..train.fade import LayerFade
+        from ..train.masks import LayerFade
 
         st = self.stages[idx - 1]
         self._fade = LayerFade(self._unwrapped(), self._positions[idx], st.fade_in_steps)

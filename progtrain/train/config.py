@@ -34,6 +34,7 @@ import yaml
 from ..arch import get_adapter
 from ..errors import ProgtrainConfigError, config_error_text, config_errors
 from ..growth.spec import GrowthPlan, GrowthSpec, plan_growth
+from .surgery import MOMENT_MODES
 
 
 @dataclass
@@ -144,10 +145,13 @@ class StageConfig:
     ``match_dynamics``: scale the updates of copied/rescaled old elements so one optimizer step of
     the grown model moves its function as the small model's step would (see
     :mod:`progtrain.train.surgery`). ``lr_scales``: per-birth-stage LR rebalancing (None = off).
-    ``calib_batches``: training batches handed to data-driven init strategies. ``fade_in_steps``: new
-    blocks of a depth growth are mixed in as ``h + m (block(h) - h)`` with ``m`` ramping 0 -> 1 over
-    this many steps (:mod:`progtrain.train.fade`; keeps post-norm models such as BERT exact at the
-    growth; 0 = off)."""
+    ``calib_batches``: training batches handed to data-driven init strategies. ``mask_steps``: masked
+    growth (MSG): the new FFN units, heads and layers enter through a mask ``m`` ramped 0 -> 1 over
+    this many steps (:mod:`progtrain.train.masks`), so the loss is unchanged at the growth whatever
+    the new weights are (0 = off). ``fade_in_steps``: the same masks on new layers only (a new block
+    is ``h + m (block(h) - h)``; keeps post-norm models such as BERT exact at the growth); set one or
+    the other. ``moments``: Adam's moments of the grown elements, ``split`` (default), ``carry`` or
+    ``reset`` (:mod:`progtrain.train.surgery`)."""
 
     name: str = ""
     start_step: int | None = None
@@ -162,6 +166,8 @@ class StageConfig:
     lr_scales: LrScalesConfig | None = None
     calib_batches: int = 4
     fade_in_steps: int = 0
+    mask_steps: int = 0
+    moments: str = "split"
 
 
 @dataclass
@@ -499,17 +505,29 @@ def validate(cfg: RunConfig) -> None:
         pos_int(f"stages[{i}].rewarm_steps", st.rewarm_steps, zero_ok=True)
         pos_int(f"stages[{i}].born_warmup_steps", st.born_warmup_steps, zero_ok=True)
         pos_int(f"stages[{i}].fade_in_steps", st.fade_in_steps, zero_ok=True)
+        pos_int(f"stages[{i}].mask_steps", st.mask_steps, zero_ok=True)
+        if st.mask_steps and st.fade_in_steps:
+            raise ProgtrainConfigError(
+                f"stages[{i}] ({st.name}): set mask_steps (masks new FFN units, heads and layers) or fade_in_steps "
+                f"(masks new layers only), not both"
+            )
+        if st.moments not in MOMENT_MODES:
+            raise ProgtrainConfigError(
+                f"stages[{i}] ({st.name}): moments={st.moments!r} is not one of {', '.join(MOMENT_MODES)}"
+            )
         if not isinstance(st.grow, GrowthSpec):
             raise ProgtrainConfigError(
                 f"stages[{i}] ({st.name}): grow must map sizes to grow (e.g. grow: {{hidden_size: 128}})"
             )
     for i, st in enumerate(cfg.stages):
         end = cfg.stages[i + 1].start_step if i + 1 < len(cfg.stages) else t.max_steps
-        if st.fade_in_steps and st.start_step + st.fade_in_steps > end:
-            raise ProgtrainConfigError(
-                f"stages[{i}] ({st.name}): fade_in_steps={st.fade_in_steps} runs past step {end} (the next stage or "
-                f"train.max_steps): the fade-in must finish inside its stage; use at most {end - st.start_step}"
-            )
+        for key in ("fade_in_steps", "mask_steps"):
+            n = getattr(st, key)
+            if n and st.start_step + n > end:
+                raise ProgtrainConfigError(
+                    f"stages[{i}] ({st.name}): {key}={n} runs past step {end} (the next stage or "
+                    f"train.max_steps): the mask must reach 1 inside its stage; use at most {end - st.start_step}"
+                )
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
         raise ProgtrainConfigError(f"stage names must be unique, got {names}")

@@ -11,8 +11,9 @@ plain Accelerate loop (torchtitan's ``train.py`` shape)::
 Everything that must survive a restart lives in one :class:`TrainState` (``state_dict()`` /
 ``load_state_dict()``). At each stage boundary::
 
-    evaluate -> gather_full_state -> progtrain.grow -> optimizer surgery on the moments -> release
-    -> new optimizer + scheduler -> prepare -> load_moments -> evaluate
+    evaluate -> gather_full_state -> progtrain.grow -> optimizer surgery on the moments (stage option
+    ``moments``) -> release -> new optimizer + scheduler -> prepare -> load_moments -> growth masks
+    (stage option ``mask_steps``, :mod:`progtrain.train.masks`) -> evaluate
     -> checkpoint of the grown state (from the growth's result, not gathered back) -> continue
 
 The LR schedule is per run (linear warm-up, then cosine/linear/constant to ``min_lr_ratio`` at
@@ -49,7 +50,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig, StageConfig, initial_hf_config
 from .data import RunData, prepare_data
 from .distributed import Engine, FullState, build_accelerator
-from .fade import LayerFade
+from .masks import GrowthMasks, is_empty, layer_mask_spec, mask_spec
 from .flops import flops_per_token, meta_model, stage_configs, total_params
 from .lr_scales import compute_lr_scales, update_birth_stages
 from .report import MetricsLog, format_stage_table, model_card, perplexity, plot_loss_vs_flops, read_metrics, stage_rows
@@ -158,7 +159,8 @@ class TrainState:
     (:func:`progtrain.train.checkpoint.save_checkpoint`); :meth:`load_state_dict` restores it.
 
     Attributes:
-        step: optimizer steps taken. The LR schedule, the stage and the fade-in are functions of it.
+        step: optimizer steps taken. The LR schedule, the stage and the growth masks' value are
+            functions of it.
         stage: index of the stage being trained (0 = the initial model).
         samples: training sequences consumed, the data position (``step * train.batch_size``).
         tokens: training tokens consumed, all processes together.
@@ -170,6 +172,8 @@ class TrainState:
         scales: ``{param name: tensor}``, this stage's ``match_dynamics`` update scales (or None).
         lr_scales: ``{param name: tensor}``, this stage's birth-stage LR scales (stage option
             ``lr_scales``), computed from the grown model at the growth (or None).
+        masks: this stage's growth masks (:func:`progtrain.train.masks.mask_spec`: which modules,
+            units and layers are masked, from which step, over how many steps; JSON), or None.
     """
 
     step: int = 0
@@ -183,6 +187,7 @@ class TrainState:
     births: dict[str, torch.Tensor] | None = None
     scales: dict[str, torch.Tensor] | None = None
     lr_scales: dict[str, torch.Tensor] | None = None
+    masks: dict | None = None
     _t0: float = field(default_factory=time.perf_counter, repr=False)
 
     def start_clock(self) -> None:
@@ -206,15 +211,17 @@ class TrainState:
         return {"step": self.step, "stage": self.stage, "samples": self.samples, "tokens": self.tokens,
                 "flops": self.flops, "wall_s": self.elapsed(), "bad_batches": self.bad_batches,
                 "history": self.history, "births": self.births, "scales": self.scales,
-                "lr_scales": self.lr_scales, "rng": ckpt.rng_state()}
+                "lr_scales": self.lr_scales, "masks": self.masks, "rng": ckpt.rng_state()}
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore what :meth:`state_dict` returned (``rng``: this process's entry; None keeps the
-        current streams; ``lr_scales`` None in checkpoints written before it was stored)."""
+        current streams; ``lr_scales`` and ``masks`` None in checkpoints written before they were
+        stored)."""
         self.step, self.stage, self.samples = int(sd["step"]), int(sd["stage"]), int(sd["samples"])
         self.tokens, self.flops, self.wall_s = sd["tokens"], sd["flops"], sd["wall_s"]
         self.bad_batches, self.history = sd["bad_batches"], list(sd["history"])
         self.births, self.scales, self.lr_scales = sd.get("births"), sd.get("scales"), sd.get("lr_scales")
+        self.masks = sd.get("masks")
         if sd.get("rng"):
             ckpt.set_rng_state(sd["rng"])
         self.start_clock()
@@ -229,7 +236,7 @@ class ProgressiveTrainer:
         self.out = Path(cfg.output_dir)
         self.resume = resume
         self.state = TrainState()
-        self.fade: LayerFade | None = None
+        self.masks: GrowthMasks | None = None
         self.last_ckpt: str | None = None
         self.val_dl = None
         self._check_output_dir()
@@ -282,7 +289,7 @@ class ProgressiveTrainer:
         then averaged over processes; 0.0 for a skipped step) and whether the step was skipped for a
         non-finite loss (no update then; :class:`TrainingDivergedError` past ``train.max_bad_batches``)."""
         cfg, acc, engine, state = self.cfg, self.acc, self.engine, self.state
-        self._advance_fade()
+        self._advance_masks()
         engine.set_update_scales(self._update_scales())
         loss_sum = torch.zeros((), dtype=torch.float64)
         skipped = False
@@ -429,25 +436,40 @@ class ProgressiveTrainer:
     def _enter_stage(self, model: PreTrainedModel) -> None:
         """What a stage adds to the plain model, from the state: the birth-stage LR scales (computed
         from ``model`` when the state has none: at the growth, or resuming from an older checkpoint)
-        and the fade-in of its new blocks (``state.step - start_step`` steps in)."""
+        and the growth masks of its new structure, at their value for ``state.step``."""
         st, state = self._stage_config(), self.state
+        self.masks = None
         if st is None:
             return
         if st.lr_scales is not None and state.lr_scales is None and state.births is not None:
             state.lr_scales = compute_lr_scales(model, state.births, mode=st.lr_scales.mode,
                                                 clamp=tuple(st.lr_scales.clamp), group=st.lr_scales.group)
-        since = state.step - st.start_step
-        positions = (state.history[-1].get("new_layer_positions") or []) if state.history else []
-        self.fade = None
-        if st.fade_in_steps and positions and since < st.fade_in_steps:
-            self.fade = LayerFade(self.acc.unwrap_model(self.engine.model), positions, st.fade_in_steps)
-            self.fade.set_step(since)
+        if state.masks is None and st.fade_in_steps and state.history:  # a checkpoint from before masks were stored
+            positions = state.history[-1].get("new_layer_positions") or []
+            state.masks = layer_mask_spec(positions, start_step=st.start_step, steps=st.fade_in_steps) if positions else None
+        spec = state.masks
+        if not is_empty(spec) and state.step < spec["start_step"] + spec["steps"]:
+            self.masks = GrowthMasks(self.acc.unwrap_model(self.engine.model), spec, step=state.step)
 
-    def _advance_fade(self) -> None:
-        """Set the fade-in mask for this step; drop the fade once it is complete."""
-        if self.fade is not None:
-            self.fade.set_step(self.state.step - self._stage_config().start_step)
-            self.fade = self.fade if self.fade.active else None
+    def _advance_masks(self) -> None:
+        """Set the growth masks' value for this step; drop them once it reaches 1 (hooks removed)."""
+        if self.masks is not None:
+            self.masks.set_step(self.state.step)
+            self.masks = self.masks if self.masks.active else None
+
+    def _mask_spec(self, st: StageConfig, res: Any) -> dict | None:
+        """The growth masks a stage asks for (``mask_steps``: FFN units, heads and layers;
+        ``fade_in_steps``: layers only), or None."""
+        steps = st.mask_steps or st.fade_in_steps
+        if not steps:
+            return None
+        parts = ("ffn", "heads", "layers") if st.mask_steps else ("layers",)
+        spec = mask_spec(res.model, res.param_maps, start_step=st.start_step, steps=steps, parts=parts)
+        if st.mask_steps and res.source_sizes.hidden != res.target_sizes.hidden and not res.maps.preserve:
+            logger.warning("stage %s: hidden size %d -> %d is not masked (see progtrain.train.masks); with init %r "
+                           "this growth changes the function", st.name, res.source_sizes.hidden,
+                           res.target_sizes.hidden, st.init)
+        return None if is_empty(spec) else spec
 
     def _update_scales(self) -> dict[str, torch.Tensor] | None:
         """Per-element update multipliers for this step (None: every element takes the plain AdamW
@@ -476,11 +498,12 @@ class ProgressiveTrainer:
         t0 = time.perf_counter()
         full = self.engine.gather_full_state()
         res = self._grow_model(full.model, st, idx)
-        moments = grow_moments(full.moments, res.param_maps, factors=True)
+        moments = grow_moments(full.moments, res.param_maps, mode=st.moments)
         old_shapes = {n: tuple(p.shape) for n, p in full.model.named_parameters()}
         state.births = update_birth_stages(state.births, res.model, res.param_maps, idx)
         state.scales = update_scales(res.param_maps, old_shapes, born_scale=1.0) if st.match_dynamics else None
         state.lr_scales = None
+        state.masks = self._mask_spec(st, res)
         state.history.append(dict(res.record, stage=idx, stage_name=st.name, step=state.step))
         grown = FullState(self.engine.keep_for_save(res.model), moments, full.step)
         del full
@@ -490,7 +513,9 @@ class ProgressiveTrainer:
         self._enter_stage(res.model)
         growth_s = time.perf_counter() - t0  # gather, grow, optimizer surgery, rebuild; not the two evaluations
         after = self._eval() if self.val_dl is not None else None
+        # exact: the grown model's measured deviation without masks; masked: new structure enters through masks
         self._log(event="growth", name=st.name, val_loss_before=before, val_loss_after=after, exact=res.exact,
+                  masked=state.masks is not None,
                   params=self.n_params, sizes=res.target_sizes.as_dict(), deviation=(res.deviation or {}).get("rel"),
                   growth_s=round(growth_s, 4))
         if before is not None:

@@ -1,34 +1,61 @@
-r"""Optimizer surgery: carry Adam's moments across a growth.
+r"""Optimizer surgery: Adam's moments across a growth (stage option ``moments``).
 
-After :func:`progtrain.grow` every grown element either is *born* (did not exist before) or comes
-from one old element ``w`` as ``w' = s * w``, possibly in ``k`` places (tiled stream copies, split
-fan-in copies, a key/value head shared by several groups). ``s`` is the product of the axis plans'
-scales (e.g. ``1/k`` for a reader whose fan-in is split over ``k`` copies of the stream,
-old / new attention scale for query rows, e.g. ``sqrt(hd'/hd)`` when head_dim widens); ``k`` is
-counted from the plans.
+After :func:`progtrain.grow` every grown element either is *born* (did not exist before: new FFN
+units, new heads, new layers) or comes from one old element ``w`` as ``w' = s * w``, possibly in
+``k`` places (tiled stream copies, split fan-in copies, a key/value head shared by several groups).
+``s`` is the product of the axis plans' scales (``1/k`` for a reader whose fan-in is split over
+``k`` copies of the stream; old / new attention scale for query rows, e.g. ``sqrt(hd'/hd)`` when
+head_dim widens); ``k`` is counted from the plans. Three modes (:data:`MOMENT_MODES`):
 
-**Moment factors.** Function preservation means ``L'(phi(w)) = L(w)`` for the map ``phi`` that
-places ``s * w`` at each of the ``k`` copies. At the symmetric point the copies have equal
-gradients ``g'``, and the chain rule gives ``g = sum_copies s * g' = k * s * g'``, so
+* ``carry``: every copy takes its source's moments as they are (``c = 1``); born elements 0.
+* ``split`` (default; what the training loop always did, ``factors=True`` before the modes had
+  names): Staged Training's mapping (Shen et al. 2022, arXiv 2203.06211), "an element duplicated
+  ``k`` times gets ``m/k`` and ``v/k^2``", derived for progtrain's own construction below: first
+  moment times ``c``, second times ``c^2``, with ``c = 1/(k s)``; born elements 0.
+* ``reset`` (SPARKLING, arXiv 2602.02472: optimizer state reset for the new channels only): born
+  elements *and* every copy of a duplicated element (``k > 1``) start at 0; old elements that were
+  not duplicated (``k = 1``) keep their moments unchanged.
 
-    g' = c * g   with   c = 1 / (k * s).
+The step count is kept in every mode (it sets Adam's bias correction of the old elements).
 
-If the gradients keep this relation, Adam's moments of the grown element stay ``c`` times (first
-moment) and ``c**2`` times (second moment) those of the small model, so the surgery writes
+**Derivation of the split factors for progtrain's tiling.** Adam's step for an element is
+``m_hat / (sqrt(v_hat) + eps)``; after the growth the new moments are ``b1 m' + (1-b1) g'`` and
+``b2 v' + (1-b2) g'^2``. If each copy's gradient is ``g' = c g`` (``g``: the small model's gradient
+of the source element at the same point), then ``m' = c m, v' = c^2 v`` make every later moment
+exactly ``c`` (``c^2``) times the small model's, so each copy's Adam update equals the small model's
+update ``u`` of its source (up to ``eps``). The factor comes from the chain rule at the growth point:
 
-    exp_avg'    = c   * exp_avg[src]         (e.g. tiled writer copies, k=2, s=1: m/2)
-    exp_avg_sq' = c^2 * exp_avg_sq[src]      (                                    v/4)
+* writer of the residual stream tiled ``k`` times (rows copied, ``s = 1``; ``embed``, ``o``,
+  ``down`` and their biases): the stream is ``[y, ..., y]`` and its readers' fan-in is split as
+  ``[W/k + N_1, ..., W/k + N_k]`` with cancelling noise ``sum_j N_j = 0``. The gradient reaching
+  copy ``j`` is ``dL/dy_j = (W/k + N_j)^T delta = g/k + e_j`` with ``e_j = N_j^T delta`` and
+  ``sum_j e_j = 0`` (the norms between a writer and its readers are exact on a tiled vector and pass
+  the split through). With ``symmetry_noise = 0``: ``g' = g/k``, ``c = 1/k``: ``m/k, v/k^2``, Staged
+  Training's factors. With noise the copies' gradients differ by ``+-e_j``, which no factor on the
+  old moments can represent; the factors map the symmetric part. Measured on a tiny GPT-2 grown x2
+  (tests/test_moments_option.py): every copy's first post-growth Adam update equals its source's
+  within 1.2e-4 * lr without noise, and the tiled writers' copies are off by up to 5.5e-2 * lr with
+  the default ``symmetry_noise = 1e-2``; the loss change is unaffected (the ``+-e_j`` cancel to
+  first order over the copies).
+* reader with its fan-in split (``s = 1/k``; ``q``, ``k``, ``v``, ``up``, ``gate``, untied head):
+  copy ``j`` multiplies the stream copy ``x_j = x``, so its gradient is ``delta x^T = g``, whatever
+  the noise ``N_j``: ``c = 1 = 1/(k s)``: the moments stay as they are. (Staged Training's literal
+  ``m/k, v/k^2`` would be wrong here: the copy's gradient is not ``g/k``, and the first step's new
+  gradient would enter moments of the wrong scale.)
+* query rows rescaled by ``r`` (``k = 1``, ``s = r``): ``g' = g/r``, ``c = 1/r``.
+* general element: ``sum over copies of s * g' = g`` with equal copies gives ``g' = g/(k s)``.
 
-Born elements start at zero; the step count is kept. Examples: a writer of the residual stream
-tiled k times (``s = 1``): ``m/k, v/k^2``; a reader with its fan-in split (``s = 1/k``): ``m, v``
-unchanged; query rows rescaled by ``r = sqrt(hd'/hd)`` (``k = 1``): ``m/r, v/r^2``.
-
-**Update scales.** Adam's update ``m_hat / (sqrt(v_hat) + eps)`` is invariant to ``c``, so every
-copy moves by the small model's update ``u``, while keeping ``w' = s * w`` needs ``s * u``. Moments
-alone cannot give that: :func:`update_scales` returns the per-element multiplier ``s`` (and 0 or a
-ramp for born elements) for an update scaler (``progtrain.train.lr_scales.UpdateScaler``). With both,
-one AdamW step (weight decay 0) of an exactly grown model with symmetric copies (no symmetry noise)
-changes the loss as the small model's step does, up to Adam's ``eps`` (tests/test_surgery.py).
+**What moments cannot do.** With the split factors every copy moves by the small model's update
+``u``; keeping ``w' = s w`` on the small model's path needs ``s u`` (a reader copy ``W/k`` must move
+by ``u/k``, else the copies together move the function ``k`` times as far). No moment mapping gives
+that, because Adam's update is invariant to the moments' scale: :func:`update_scales` returns the
+per-element multiplier ``s`` (stage option ``match_dynamics``). Measured on a tiny GPT-2 grown x2 in
+width (hidden, heads, FFN; tests/test_moments_option.py), the first post-growth AdamW step's loss
+change against the small model's same step, relative difference: ``split`` + ``match_dynamics``
+2.8e-5 (``symmetry_noise = 0``) and 0 (default noise; both at the float32 resolution of the loss);
+``split`` alone 0.77 (the readers' copies move twice as far); ``carry`` + ``match_dynamics`` 0.060
+(the tiled writers' copies take too small a step: unscaled ``v``); ``reset`` + ``match_dynamics``
+0.078.
 """
 
 from __future__ import annotations
@@ -66,19 +93,33 @@ def moment_factor(pmap: ParamMap, old_shape: tuple[int, ...]) -> torch.Tensor:
     return c
 
 
+MOMENT_MODES = ("carry", "split", "reset")
+
+
 def grow_moments(
     moments: Mapping[str, Mapping[str, torch.Tensor]],
     param_maps: Mapping[str, ParamMap],
     *,
-    factors: bool = True,
+    mode: str = "split",
+    factors: bool | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Map full Adam moments of the old model (``{param name: {"exp_avg", "exp_avg_sq"}}``) to the
     grown model's parameters (``param_maps`` from :class:`~progtrain.growth.GrowthResult`).
 
-    Old elements take their source's moments times ``c`` (first) and ``c**2`` (second moment), see
-    the module docstring; ``factors=False`` copies them unscaled. Born elements and parameters
-    without old moments get zeros. Returns new tensors (fp32, CPU), one entry per grown parameter.
+    ``mode`` (see the module docstring): ``"carry"`` copies the source's moments unscaled,
+    ``"split"`` multiplies them by ``c = 1/(k s)`` (first moment) and ``c**2`` (second),
+    ``"reset"`` zeroes every copy of a duplicated element (``k > 1``) and keeps the others.
+    ``factors`` is the older spelling: True = ``"split"``, False = ``"carry"``. Born elements and
+    parameters without old moments get zeros in every mode. Returns new tensors (fp32, CPU), one
+    entry per grown parameter.
+
+    Raises:
+        ValueError: an unknown ``mode``.
     """
+    if factors is not None:
+        mode = "split" if factors else "carry"
+    if mode not in MOMENT_MODES:
+        raise ValueError(f"unknown moments mode {mode!r}; choose one of {', '.join(MOMENT_MODES)}")
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, pmap in param_maps.items():
         old = moments.get(pmap.old_name)
@@ -90,9 +131,11 @@ def grow_moments(
         born = src < 0
         gm = m.flatten()[src.clamp(min=0)].double()
         gv = v.flatten()[src.clamp(min=0)].double()
-        if factors:
+        if mode == "split":
             c = torch.where(born, torch.zeros((), dtype=torch.float64), 1.0 / (k.clamp(min=1).double() * s.masked_fill(born, 1.0)))
             gm, gv = gm * c, gv * c * c
+        elif mode == "reset":
+            born = born | (k > 1)
         out[name] = {
             "exp_avg": gm.masked_fill(born, 0.0).float(),
             "exp_avg_sq": gv.masked_fill(born, 0.0).float(),
