@@ -124,12 +124,14 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def arm_result(rows: Sequence[dict], max_steps: int, growth_record: dict | None = None) -> dict:
-    """One arm's numbers from its metrics rows: validation loss before / right after the growth and at
-    the end (the evaluation at ``max_steps``), exactness, relative logit deviation, growth seconds
-    (gather, grow, optimizer surgery, rebuild) and the evaluation curve [(step, val_loss)]."""
+    """One arm's numbers from its metrics rows: validation loss before / right after the (first) growth
+    and at the end (the evaluation at ``max_steps``), exactness (every growth exact), the largest
+    relative logit deviation, growth seconds (gather, grow, optimizer surgery, rebuild; summed over
+    the growths), the number of growths and the evaluation curve [(step, val_loss)] from the first
+    growth on. Raises ValueError for a run without a growth or without an evaluation at ``max_steps``."""
     growth = [r for r in rows if r.get("event") == "growth"]
-    if len(growth) != 1:
-        raise ValueError(f"expected one growth event, found {len(growth)}")
+    if not growth:
+        raise ValueError("expected a growth event, found none")
     g = growth[0]
     ends = [r for r in rows if r.get("event") == "eval" and r.get("step") == max_steps and r.get("val_loss") is not None]
     if not ends:
@@ -138,15 +140,18 @@ def arm_result(rows: Sequence[dict], max_steps: int, growth_record: dict | None 
         (int(r["step"]), float(r["val_loss"])) for r in rows
         if r.get("event") == "eval" and r.get("val_loss") is not None and r["step"] > g["step"]]
     rec = growth_record or {}
+    devs = [float(x["deviation"]) for x in growth if x.get("deviation") is not None]
+    secs = [float(x["growth_s"]) for x in growth if x.get("growth_s") is not None]
     return {
         "growth_step": int(g["step"]),
+        "n_growths": len(growth),
         "val_loss_before": float(g["val_loss_before"]),
         "val_loss_after": float(g["val_loss_after"]),
         "val_loss_end": float(ends[-1]["val_loss"]),
-        "exact": bool(g["exact"]),
-        "deviation": None if g.get("deviation") is None else float(g["deviation"]),
-        "growth_s": None if g.get("growth_s") is None else float(g["growth_s"]),
-        "params_after": g.get("params"),
+        "exact": all(bool(x["exact"]) for x in growth),
+        "deviation": max(devs) if devs else None,
+        "growth_s": sum(secs) if secs else None,
+        "params_after": growth[-1].get("params"),
         "curve_after_growth": curve,
         "notes": list(rec.get("notes") or []),
         "strategy_report": rec.get("strategy_report") or {},

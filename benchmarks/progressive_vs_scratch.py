@@ -11,6 +11,15 @@ For each seed, back to back on the same machine:
    (stage starts included) until it costs what the scratch run costs, i.e. more tokens for the same
    compute: the comparison progressive training is usually sold on.
 
+Seeds: a schedule is tuned on some seeds and judged on others. The config declares the seeds its
+stages and LRs were tuned on (``benchmark: {tuning_seeds: [...]}``, required; the scratch LR sweep
+runs on the first of them); the headline runs on held-out seeds only: at least 3, none a tuning seed
+(the script refuses otherwise; ``--tuning-run`` runs any seeds and reports them as a tuning run,
+in ``<out>/tuning``). When any held-out seed misses L*, the headline is "not reached", naming the
+seed and the miss in nats; the JSON has ``held_out_seeds``, ``tuning_seeds``, the per-seed rows
+(``per_seed``), ``headline`` and ``tokens_per_param`` (training tokens per parameter of the final
+model).
+
 All runs go through progtrain's engine and log cumulative FLOPs, wall seconds, tokens and validation
 loss (``metrics.jsonl``). The report (:mod:`progtrain.benchmark`) takes L* = scratch's final validation
 loss and interpolates the FLOPs and wall seconds each run needed to first reach it.
@@ -23,6 +32,7 @@ optimizer and schedule), as the fraction of steps/s lost; and each growth event'
     OMP_NUM_THREADS=1 python benchmarks/progressive_vs_scratch.py                 # tiny GPT-2, CPU
     python benchmarks/progressive_vs_scratch.py --preset bert                     # tiny BERT (masked LM)
     python benchmarks/progressive_vs_scratch.py --preset gpu-small                # GPT-2-small size, 1 GPU
+    OMP_NUM_THREADS=1 python benchmarks/progressive_vs_scratch.py --preset long   # tiny sizes, >= 10 tokens/param
     python benchmarks/progressive_vs_scratch.py --sweep-lr                        # re-sweep the scratch LR
 
 Writes ``<out>/progressive_vs_scratch.json``, ``.md``, ``loss_vs_flops.png`` and ``loss_vs_wallclock.png``
@@ -59,11 +69,44 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bert": {"config": HERE / "configs" / "bert_tiny.yaml", "sweep": (5e-4, 1e-3, 2e-3), "overhead_steps": 150},
     "gpu-small": {"config": HERE / "configs" / "gpt2_small_gpu.yaml", "sweep": (3e-4, 6e-4, 1.2e-3),
                   "overhead_steps": 200},
+    # the tiny sizes trained to >= 10 tokens per parameter of the final model (1.07M parameters)
+    "long": {"config": HERE / "configs" / "gpt2_tiny_long.yaml", "sweep": (2e-3, 3e-3, 4e-3), "overhead_steps": 150},
 }
 SAME_FLOPS = "progressive_same_flops"
 
 
 # ---------------------------------------------------------------------- configs
+def split_benchmark_block(d: dict, path: str | Path) -> tuple[dict, dict]:
+    """Take the benchmark's own ``benchmark:`` block out of a progressive run config dict: the seeds
+    the schedule was tuned on (``tuning_seeds``, required: ``[]`` when none) and optionally the
+    default ``held_out_seeds``. Returns (run config dict, protocol dict). Raises ValueError when the
+    block or its ``tuning_seeds`` is missing or not a list of integers."""
+    d = copy.deepcopy(d)
+    b = d.pop("benchmark", None)
+    if not isinstance(b, dict) or "tuning_seeds" not in b:
+        raise ValueError(f"{path} declares no benchmark.tuning_seeds: add `benchmark: {{tuning_seeds: [...]}}` "
+                         f"listing the seeds its schedule and LRs were tuned on ([] if none)")
+    bad = sorted(set(b) - {"tuning_seeds", "held_out_seeds"})
+    if bad:
+        raise ValueError(f"{path}: unknown key(s) {bad} in benchmark; valid: held_out_seeds, tuning_seeds")
+    for k in ("tuning_seeds", "held_out_seeds"):
+        v = b.get(k)
+        if v is not None and (not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+            raise ValueError(f"{path}: benchmark.{k} must be a list of integer seeds, got {v!r}")
+    return d, {"tuning_seeds": list(b["tuning_seeds"]), "held_out_seeds": b.get("held_out_seeds")}
+
+
+def tokens_per_param(prog: dict) -> dict:
+    """Training tokens of a run (the scratch run sees the same) per parameter of its final model:
+    ``{"tokens", "final_params", "tokens_per_param"}`` (parameters counted as ``progtrain plan`` does)."""
+    from progtrain.train.config import from_dict
+    from progtrain.train.flops import plan
+
+    total = next(r for r in plan(from_dict(copy.deepcopy(prog))) if r["stage"] == "total")
+    return {"tokens": int(total["tokens"]), "final_params": int(total["params"]),
+            "tokens_per_param": total["tokens"] / total["params"]}
+
+
 def scratch_dict(prog: dict) -> dict:
     """The scratch run of a progressive run config dict: no stages, and a fresh model with the HF
     config of the progressive run's last stage (checked size for size)."""
@@ -218,9 +261,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="which comparison (default: tiny GPT-2 on CPU)")
     p.add_argument("--config", help="a progressive run config instead of the preset's (its last stage is the scratch model)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default: 0 1)")
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="held-out seeds of the headline: at least 3, none of the config's benchmark.tuning_seeds "
+                        "(default: the config's held_out_seeds, else the 3 smallest seeds that are not tuning seeds)")
+    p.add_argument("--tuning-run", action="store_true",
+                   help="a run for tuning a schedule, on any seeds (tuning seeds included): reported as a tuning run, "
+                        "not a headline, in <out>/tuning")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override both runs' configs")
-    p.add_argument("--sweep-lr", action="store_true", help="rerun the scratch LR sweep (the preset's grid, first seed) first")
+    p.add_argument("--sweep-lr", action="store_true", help="rerun the scratch LR sweep (the preset's grid, on the first tuning seed) first")
     p.add_argument("--sweep-lrs", type=float, nargs="+", help="LR grid of the sweep (default: the preset's)")
     p.add_argument("--scratch-lr", type=float, help="scratch LR (default: the stored sweep's best, else the config's)")
     p.add_argument("--same-flops", action=argparse.BooleanOptionalAction, default=True,
@@ -235,26 +283,52 @@ def main(argv: list[str] | None = None) -> dict:
     from progtrain.benchmark import Curve, aggregate, compare, machine_info, markdown_table, plot_curves, write_report
     from progtrain.train.config import apply_overrides
 
+    from progtrain.benchmark import check_held_out_seeds, default_held_out_seeds
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     preset = PRESETS[args.preset]
     cfg_path = Path(args.config) if args.config else preset["config"]
     out = Path(args.out) if args.out else (HERE / "results" if args.preset == "tiny" else HERE / "results" / args.preset)
+    if args.tuning_run and not args.out:
+        out = out / "tuning"
     work = Path(args.work_dir) / args.preset
-    out.mkdir(parents=True, exist_ok=True)
-    prog = apply_overrides(yaml.safe_load(cfg_path.read_text()), args.set)
+
+    # the protocol is checked before anything is trained or written (bad input: one line, exit 2)
+    def refuse(msg: str) -> None:
+        sys.stderr.write(f"error: {msg}\n")
+        raise SystemExit(2)
+
+    try:
+        prog, protocol = split_benchmark_block(yaml.safe_load(cfg_path.read_text()), cfg_path)
+    except ValueError as e:
+        refuse(str(e))
+    tuning = protocol["tuning_seeds"]
+    seeds = args.seeds or protocol["held_out_seeds"] or default_held_out_seeds(tuning)
+    if not args.tuning_run:
+        try:
+            check_held_out_seeds(seeds, tuning)
+        except ValueError as e:
+            refuse(f"{e} (or pass --tuning-run for a run that is not a headline)")
+    sweep_seed = tuning[0] if tuning else None
+    if args.sweep_lr and sweep_seed is None:
+        refuse(f"--sweep-lr tunes the scratch LR on a seed, which then is a tuning seed: declare it in {cfg_path}'s "
+               f"benchmark.tuning_seeds first")
+    prog = apply_overrides(prog, args.set)
     scratch = scratch_dict(prog)
     sweep_file = (HERE / "results" / f"lr_sweep_{args.preset}.json") if not args.config else out / "lr_sweep.json"
+    sweep = json.loads(sweep_file.read_text()) if (sweep_file.exists() and not args.sweep_lr) else None
+    if sweep and not args.scratch_lr and not args.tuning_run and sweep.get("seed") in seeds:
+        refuse(f"the scratch LR in {sweep_file} was swept on seed {sweep['seed']}, a held-out seed here: rerun with "
+               f"--sweep-lr (it sweeps on the first tuning seed) or choose other --seeds")
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    sweep = None
     if args.sweep_lr:
-        sweep = sweep_lr(scratch, work, args.seeds[0], args.sweep_lrs or preset["sweep"])
+        sweep = sweep_lr(scratch, work, sweep_seed, args.sweep_lrs or preset["sweep"])
         tmp = sweep_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(sweep, indent=1))
         os.replace(tmp, sweep_file)
-    elif sweep_file.exists():
-        sweep = json.loads(sweep_file.read_text())
     scratch_lr = args.scratch_lr or (sweep["best_lr"] if sweep else float(scratch["optim"]["lr"]))
     scratch["optim"]["lr"] = scratch_lr
     logger.info("scratch LR %.3g (%s); progressive LR %.3g", scratch_lr,
@@ -268,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("same-FLOPs progressive arm: %d steps (x%.3f tokens)", matched["train"]["max_steps"], matched_factor)
     curves: dict[str, list[Curve]] = {name: [] for name, _ in arms}
     per_seed, per_seed_matched = [], []
-    for seed in args.seeds:
+    for seed in seeds:
         for name, d in arms:
             d = copy.deepcopy(d)
             d["seed"] = seed
@@ -292,13 +366,17 @@ def main(argv: list[str] | None = None) -> dict:
     overhead = loop_overhead(scratch, work, steps) if steps else None
     summary["loop_overhead_ratio"] = overhead["loop_overhead_ratio"] if overhead else None
     summary.update(
-        loop_overhead=overhead, seeds=list(args.seeds), preset=args.preset, config=str(cfg_path),
+        loop_overhead=overhead, seeds=list(seeds), held_out_seeds=[] if args.tuning_run else list(seeds),
+        tuning_seeds=list(tuning), tuning_run=bool(args.tuning_run), **tokens_per_param(prog),
+        preset=args.preset, config=str(cfg_path),
         overrides=list(args.set), scratch_lr=scratch_lr, progressive_lr=prog["optim"]["lr"], lr_sweep=sweep,
         machine=machine_info(), date=dt.datetime.now().isoformat(timespec="seconds"),
         command=" ".join(map(shlex.quote, ["python", "benchmarks/progressive_vs_scratch.py", *(argv if argv is not None else sys.argv[1:])])),
         benchmark_wall_s=round(time.perf_counter() - t0, 1),
         total_flops_scratch=per_seed[0]["total_flops_scratch"], total_flops_progressive=per_seed[0]["total_flops_progressive"],
     )
+    if args.tuning_run:
+        summary["headline"] = "tuning run (not a headline): " + summary["headline"]
     l_star = summary["L_star"]
     plot_curves(curves, "flops", out / "loss_vs_flops.png", l_star)
     plot_curves(curves, "wall_s", out / "loss_vs_wallclock.png", l_star)

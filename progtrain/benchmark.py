@@ -137,6 +137,52 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         out[f"{key}_std"] = ms["std"]
     out["reached_seeds"] = sum(bool(r["reached"]) for r in per_seed)
     out["reached"] = out["reached_seeds"] == len(per_seed) and bool(per_seed)
+    out["not_reached"] = [{"seed": r.get("seed"), "miss": r["miss"]} for r in per_seed if not r["reached"]]
+    out["headline"] = headline(out)
+    return out
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """The one-line result: ``not reached`` naming each seed that missed L* and by how much (nats)
+    when any did, else the FLOPs and wall-clock ratios (mean ± std over the seeds)."""
+    n = len(summary.get("per_seed", []))
+    if not n:
+        return "no seeds"
+    if not summary["reached"]:
+        misses = ", ".join(
+            f"seed {m['seed']} missed L* by {m['miss']:.4f} nats" if m.get("seed") is not None
+            else f"missed L* by {m['miss']:.4f} nats" for m in summary["not_reached"])
+        return f"not reached in {n - summary['reached_seeds']}/{n} seeds ({misses})"
+    return (f"reached L* in {n}/{n} seeds at {_fmt(summary['flops_ratio'], summary['flops_ratio_std'], '.3f')} of the "
+            f"scratch FLOPs and {_fmt(summary['wallclock_ratio'], summary['wallclock_ratio_std'], '.3f')} of its wall-clock")
+
+
+def check_held_out_seeds(held_out: Sequence[int], tuning: Sequence[int], minimum: int = 3) -> None:
+    """Refuse a headline on seeds that are too few, repeated, or were used to tune the schedule.
+
+    Raises:
+        ValueError: fewer than ``minimum`` distinct held-out seeds, a repeated seed, or a held-out seed
+            that is also a tuning seed (the message names the seeds and the fix).
+    """
+    held, tune = [int(s) for s in held_out], {int(s) for s in tuning}
+    if len(set(held)) != len(held):
+        raise ValueError(f"held-out seeds {held} repeat a seed: give each seed once")
+    both = sorted(set(held) & tune)
+    if both:
+        raise ValueError(f"seed(s) {both} tuned the schedule (tuning_seeds {sorted(tune)}) and cannot be held out: "
+                         f"choose other --seeds")
+    if len(held) < minimum:
+        raise ValueError(f"the headline needs at least {minimum} held-out seeds, got {len(held)} ({held}): pass "
+                         f"--seeds with {minimum} or more seeds outside the tuning seeds {sorted(tune)}")
+
+
+def default_held_out_seeds(tuning: Sequence[int], n: int = 3) -> list[int]:
+    """The ``n`` smallest non-negative seeds that are not tuning seeds."""
+    tune, out, s = {int(x) for x in tuning}, [], 0
+    while len(out) < n:
+        if s not in tune:
+            out.append(s)
+        s += 1
     return out
 
 
@@ -150,6 +196,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
     """The benchmark's headline table (mean ± std over seeds) as markdown."""
     n = len(summary.get("per_seed", []))
     rows = [
+        ("headline" + (f" (held-out seeds {', '.join(map(str, summary['held_out_seeds']))})"
+                       if summary.get("held_out_seeds") else ""), summary.get("headline") or headline(summary)),
         ("L* (scratch final val loss)", _fmt(summary["L_star"], summary["L_star_std"], ".4f")),
         ("progressive final val loss", _fmt(summary["final_val_loss_progressive"], summary["final_val_loss_progressive_std"], ".4f")),
         ("progressive reached L*", f"{summary['reached_seeds']}/{n} seeds"),
@@ -158,6 +206,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
     ]
     if not summary["reached"]:
         rows.append(("progressive best loss above L* by", _fmt(summary["miss"], summary["miss_std"], ".4f")))
+    if summary.get("tokens_per_param") is not None:
+        rows.append(("training tokens per parameter of the final model", f"{summary['tokens_per_param']:.2f}"))
     if summary.get("loop_overhead_ratio") is not None:
         rows.append(("progtrain loop overhead: steps/s lost vs a plain Accelerate loop", f"{100 * summary['loop_overhead_ratio']:.1f}%"))
     if summary.get("growth_event_fraction") is not None:

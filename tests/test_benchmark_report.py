@@ -72,3 +72,104 @@ def test_curve_from_metrics_and_plot(tmp_path):
     out = tmp_path / "plot.png"
     plot_curves({"progressive": [c]}, "flops", out, l_star=3.5)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------- held-out seeds protocol
+from progtrain.benchmark import check_held_out_seeds, default_held_out_seeds, headline  # noqa: E402
+
+
+def test_held_out_seeds_must_be_three_distinct_non_tuning_seeds():
+    check_held_out_seeds([1, 2, 3], tuning=[0])  # accepted
+    with pytest.raises(ValueError, match=r"seed\(s\) \[0\] tuned the schedule"):
+        check_held_out_seeds([0, 1, 2], tuning=[0])
+    with pytest.raises(ValueError, match="at least 3 held-out seeds, got 2"):
+        check_held_out_seeds([2, 3], tuning=[0])
+    with pytest.raises(ValueError, match="repeat"):
+        check_held_out_seeds([2, 2, 3], tuning=[])
+    assert default_held_out_seeds([0]) == [1, 2, 3]
+    assert default_held_out_seeds([0, 2, 5]) == [1, 3, 4]
+    assert default_held_out_seeds([]) == [0, 1, 2]
+
+
+def test_a_seed_that_misses_makes_the_headline_not_reached_with_its_miss():
+    scratch = _curve("scratch", [0, 100, 200], [6.0, 3.0, 2.0])
+    hit = _curve("progressive", [0, 50, 100], [6.0, 2.5, 1.9])
+    miss = _curve("progressive", [0, 50, 100], [6.0, 2.5, 2.089])
+    rows = []
+    for seed, prog in ((1, hit), (2, miss), (3, hit)):
+        rows.append(compare(scratch, prog) | {"seed": seed})
+    s = aggregate(rows)
+    assert s["reached"] is False and s["reached_seeds"] == 2
+    assert s["not_reached"] == [{"seed": 2, "miss": pytest.approx(0.089)}]
+    assert s["headline"] == "not reached in 1/3 seeds (seed 2 missed L* by 0.0890 nats)"
+    assert [r["seed"] for r in s["per_seed"]] == [1, 2, 3]  # per-seed rows kept
+    s["held_out_seeds"] = [1, 2, 3]
+    table = markdown_table(s)
+    assert "| headline (held-out seeds 1, 2, 3) | not reached in 1/3 seeds (seed 2 missed L* by 0.0890 nats) |" in table
+    # every seed reaching L* gives the ratios instead
+    ok = aggregate([compare(scratch, hit) | {"seed": k} for k in (1, 2, 3)])
+    assert ok["not_reached"] == [] and ok["headline"].startswith("reached L* in 3/3 seeds at ")
+    assert headline({"per_seed": []}) == "no seeds"
+
+
+# ---------------------------------------------------------------------- the benchmark script's protocol
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("progressive_vs_scratch", ROOT / "benchmarks" / "progressive_vs_scratch.py")
+pvs = importlib.util.module_from_spec(_spec)
+sys.modules["progressive_vs_scratch"] = pvs
+_spec.loader.exec_module(pvs)
+
+
+def test_every_preset_declares_its_tuning_seeds_and_long_trains_10_tokens_per_param():
+    for name, preset in pvs.PRESETS.items():
+        d, protocol = pvs.split_benchmark_block(yaml.safe_load(Path(preset["config"]).read_text()), name)
+        assert "benchmark" not in d and isinstance(protocol["tuning_seeds"], list), name
+    d, _ = pvs.split_benchmark_block(yaml.safe_load(Path(pvs.PRESETS["long"]["config"]).read_text()), "long")
+    t = pvs.tokens_per_param(d)
+    assert t["tokens"] == d["train"]["max_steps"] * d["train"]["batch_size"] * d["data"]["seq_len"]
+    assert t["tokens_per_param"] >= 10.0
+    tiny, _ = pvs.split_benchmark_block(yaml.safe_load(Path(pvs.PRESETS["tiny"]["config"]).read_text()), "tiny")
+    assert pvs.tokens_per_param(tiny)["final_params"] == t["final_params"]  # the same sizes, ~9x the tokens
+
+
+def test_benchmark_block_is_required_and_checked():
+    with pytest.raises(ValueError, match="declares no benchmark.tuning_seeds"):
+        pvs.split_benchmark_block({"model": {}}, "x.yaml")
+    with pytest.raises(ValueError, match="list of integer seeds"):
+        pvs.split_benchmark_block({"benchmark": {"tuning_seeds": "0"}}, "x.yaml")
+    with pytest.raises(ValueError, match="unknown key"):
+        pvs.split_benchmark_block({"benchmark": {"tuning_seeds": [], "seeds": [1]}}, "x.yaml")
+
+
+@pytest.mark.parametrize("seeds, message", [
+    (["0", "1", "2"], "tuned the schedule"),
+    (["1", "2"], "at least 3 held-out seeds"),
+])
+def test_cli_refuses_tuning_or_too_few_seeds_before_writing(tmp_path, capsys, seeds, message):
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit) as e:
+        pvs.main(["--seeds", *seeds, "--out", str(out), "--work-dir", str(tmp_path / "runs")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "--tuning-run" in err[0]
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def test_cli_refuses_a_scratch_lr_swept_on_a_held_out_seed(tmp_path, capsys):
+    cfg = yaml.safe_load(Path(pvs.PRESETS["tiny"]["config"]).read_text())
+    cfg["benchmark"] = {"tuning_seeds": [7]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "lr_sweep.json").write_text(json.dumps({"best_lr": 4e-3, "seed": 1}))
+    with pytest.raises(SystemExit) as e:
+        pvs.main(["--config", str(path), "--out", str(out), "--work-dir", str(tmp_path / "runs")])
+    assert e.value.code == 2 and "swept on seed 1, a held-out seed" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["lr_sweep.json"]
