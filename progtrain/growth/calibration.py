@@ -51,6 +51,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import ProgtrainConfigError
+from ..mlm import IGNORE_INDEX, mask_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +265,8 @@ def _uniform(limits: InputLimits, shape: tuple[int, ...], g: torch.Generator) ->
 def _corrupt(ids: torch.Tensor, pick: torch.Tensor, mask_id: int | None, limits: InputLimits,
              g: torch.Generator) -> torch.Tensor:
     """``ids`` with the picked positions replaced by the mask token (or, with none, a uniform
-    non-special token: BERT's random-replacement branch)."""
+    non-special token): the Gibbs sampler's query of the conditionals at ``pick``, not the training
+    corruption (that is :func:`progtrain.mlm.mask_tokens`)."""
     fill = torch.full_like(ids, mask_id) if mask_id is not None else _uniform(limits, tuple(ids.shape), g)
     return torch.where(pick, fill, ids)
 
@@ -341,9 +343,11 @@ def calibration_batches(
     """``n_batches`` dicts accepted by ``model(**batch)`` returning ``.loss``, within the model's limits.
 
     Each batch holds ``input_ids`` and ``labels`` of shape ``[batch_size, min(seq_len, positions)]``.
-    Causal LMs get ``labels = input_ids``; masked LMs get ``mlm_probability`` of the tokens replaced
-    by the mask token (the tokenizer's, else the config's ``mask_token_id``, else a uniform
-    non-special token) with ``labels`` = -100 elsewhere, and an all-ones ``attention_mask``.
+    Causal LMs get ``labels = input_ids``; masked LMs get the masking they are trained with
+    (:func:`progtrain.mlm.mask_tokens`: ``mlm_probability`` of the non-special tokens picked, of
+    those 80% replaced by the mask token, the tokenizer's, else the config's ``mask_token_id``, else
+    a uniform non-special token, 10% by a uniform non-special token, 10% kept; at least one picked),
+    ``labels`` = -100 elsewhere, and an all-ones ``attention_mask``.
 
     Tokens come from ``path`` (else the embedded corpus) tokenised with ``tokenizer`` when the
     tokenizer fits the model (:func:`fit_problems`); else, with a warning, from the tokenizer-free
@@ -415,15 +419,12 @@ def calibration_batches(
         logger.warning("masked LM without a known mask token: corrupting by random replacement instead")
     batches = []
     for b in ids:
-        if masked:
-            pick = torch.rand(b.shape, generator=g) < mlm_probability
-            if not pick.any():  # at least one label, or the batch's loss is NaN
-                pick.view(-1)[int(torch.randint(0, pick.numel(), (1,), generator=g))] = True
-            inp = _corrupt(b, pick, mask_id, limits, g)
+        if masked:  # the training rule (BERT's 80/10/10), with at least one label so the loss is finite
+            inp, labels = mask_tokens(b, mlm_probability, g, mask_id, limits.non_special_ids(),
+                                      list(limits.special_ids.values()), at_least_one=True)
+            pick = labels != IGNORE_INDEX
             if sampled and pick.any():  # labels drawn from the model's conditionals given this input
-                b = b.clone()
-                b[pick] = _sample_masked(model, inp, pick, limits, g)
-            labels = torch.where(pick, b, torch.full_like(b, -100))
+                labels[pick] = _sample_masked(model, inp, pick, limits, g)
             batches.append({"input_ids": inp, "labels": labels, "attention_mask": torch.ones_like(b)})
         else:
             batches.append({"input_ids": b.clone(), "labels": b.clone()})
