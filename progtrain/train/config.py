@@ -355,20 +355,9 @@ def initial_hf_config(cfg: RunConfig) -> Any:
 
     m = cfg.model
     if m.checkpoint:
-        from ..io import check_safe_weights
+        from ..io import load_hf_config
 
-        check_safe_weights(m.checkpoint, m.task)
-        try:
-            return AutoConfig.from_pretrained(m.checkpoint)
-        except OSError as e:
-            raise ProgtrainConfigError(
-                f"model.checkpoint {m.checkpoint!r}: cannot load its config ({str(e).splitlines()[0]}); "
-                f"pass a local checkpoint directory"
-            ) from None
-        except config_errors() as e:
-            raise ProgtrainConfigError(
-                f"model.checkpoint {m.checkpoint!r}: its config is invalid ({config_error_text(e)}); fix its config.json"
-            ) from None
+        return load_hf_config(m.checkpoint, m.task, name="model.checkpoint")
     if not m.family:
         raise ProgtrainConfigError("model.family is required (e.g. gpt2, bert, llama) unless model.checkpoint is given")
     try:

@@ -23,6 +23,8 @@ from typing import Any
 
 from transformers import PretrainedConfig, PreTrainedModel
 
+from ..text import text_table
+
 LOOKUP_ROLES = frozenset({"embed", "pos_embed", "type_embed"})
 
 
@@ -153,12 +155,7 @@ def format_plan(rows: list[dict]) -> str:
                 str(r["steps"]), f"{r['tokens']:,}", f"{r['flops']:.3e}",
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines = []
-    for j, row in enumerate(table):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if j == 0 or j == len(table) - 2 - 1:
-            lines.append("  ".join("-" * w for w in widths))
+    lines = [text_table(table, rules_after=(0, len(table) - 3))]  # a rule above the two totals
     prog, fixed = rows[-2]["flops"], rows[-1]["flops"]
     lines.append(f"\nprogressive / final-size-only compute: {prog / fixed:.3f} ({100 * (1 - prog / fixed):.1f}% saved) "
                  f"for the same {rows[-2]['tokens']:,} tokens")
