@@ -47,14 +47,6 @@ class AxisPlan:
     def size(self) -> int:
         return int(self.src.numel())
 
-    def is_identity(self, old_size: int) -> bool:
-        return (
-            self.size == old_size
-            and bool(torch.equal(self.src, torch.arange(old_size)))
-            and bool((self.scale == 1).all())
-            and self.group is None
-        )
-
 
 def _plan(src: list[int] | torch.Tensor, scale=1.0, new_fill: int = FREE, group=None) -> AxisPlan:
     src = torch.as_tensor(src, dtype=torch.long)

@@ -392,13 +392,6 @@ def stage_plans(cfg: RunConfig, vocab_size: int | None = None) -> tuple[Any, lis
     return hf, plans
 
 
-def stage_sizes(cfg: RunConfig) -> list[Any]:
-    """The :class:`~progtrain.arch.base.Sizes` of every stage (stage 0 = the initial model), each
-    growth validated by :func:`stage_plans`."""
-    hf, plans = stage_plans(cfg)
-    return [plans[0].source_sizes if plans else get_adapter(hf).read_sizes(hf)] + [p.target_sizes for p in plans]
-
-
 def validate(cfg: RunConfig) -> None:
     """Check everything that can be checked before training; raise one ProgtrainConfigError naming
     the problem and its fix. Also resolves ``start_tokens`` into ``start_step`` and stage names."""

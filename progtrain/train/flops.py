@@ -59,11 +59,6 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
     return 6.0 * matmul_params(model) + 6.0 * s.layers * seq_len * s.heads * s.head_dim
 
 
-def step_flops(model: PreTrainedModel, tokens: int, seq_len: int) -> float:
-    """Training FLOPs of one optimizer step over ``tokens`` tokens (all micro-batches and processes)."""
-    return flops_per_token(model, seq_len) * tokens
-
-
 def meta_model(config: PretrainedConfig, task: str) -> PreTrainedModel:
     """The model of ``config`` for ``task`` on the meta device (shapes only, no memory)."""
     from accelerate import init_empty_weights
@@ -162,6 +157,5 @@ def format_plan(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["flops_per_token", "format_plan", "matmul_params", "meta_model", "plan", "stage_configs", "step_flops",
-           "total_params"]
+__all__ = ["flops_per_token", "format_plan", "matmul_params", "meta_model", "plan", "stage_configs", "total_params"]
 
