@@ -196,7 +196,7 @@ class SpaceMaps:
                 return _plan(src, scale=1.0 / k, group=src)
             scale = 1.0 / k if (role == HEAD_INPUT_NORM_ROLE and self.tied_head) else 1.0
             return _plan(src, scale=scale)
-        # pad: exact for pre-norm families with the norm-gain/eps compensation, see DESIGN.md 3
+        # pad: exact for pre-norm families with the norm-gain/eps compensation (docs/design.md, padding)
         if not self.preserve:
             return _plan(_pad(d, D), new_fill=FREE)
         if kind == "out":
