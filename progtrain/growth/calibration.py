@@ -370,7 +370,6 @@ def calibration_batches(
     if seq_len < 2:
         raise ProgtrainConfigError(f"the model serves {seq_len} position(s): calibration needs sequences of at least 2 tokens")
     g = torch.Generator().manual_seed(seed)
-    n_tok = n_batches * batch_size * seq_len
     problems = fit_problems(limits, tokenizer=tokenizer, masked=masked) if tokenizer is not None else ["no tokenizer"]
     if path:
         if not os.path.exists(path):
@@ -383,24 +382,7 @@ def calibration_batches(
     ids = None
     files = [path] if path else embedded_corpus_files()
     if not problems and files:
-        text, chars = [], 0
-        for f in files:
-            t = open(f, encoding="utf-8", errors="ignore").read()
-            text.append(t)
-            chars += len(t)
-            if chars > 40 * n_tok:
-                break
-        enc = tokenizer("\n".join(text), add_special_tokens=False)["input_ids"]
-        if len(enc) >= n_tok:
-            start = int(torch.randint(0, len(enc) - n_tok + 1, (1,), generator=g))
-            ids = torch.tensor(enc[start : start + n_tok]).view(n_batches, batch_size, seq_len)
-        elif path:
-            raise ProgtrainConfigError(
-                f"--data {path} gives {len(enc)} tokens, fewer than the {n_tok} of {n_batches} batches of "
-                f"{batch_size}x{seq_len}: pass more text or fewer --calib-batches"
-            )
-        else:
-            problems = [f"the tokenizer gives {len(enc)} tokens of the embedded corpus, fewer than {n_tok}"]
+        ids, problems = _text_ids(tokenizer, files, path, (n_batches, batch_size, seq_len), g)
     mask_id = limits.mask_token_id
     if ids is not None and getattr(tokenizer, "mask_token_id", None) is not None:
         mask_id = int(tokenizer.mask_token_id)
@@ -417,16 +399,51 @@ def calibration_batches(
         ids = flat.view(n_batches, batch_size, seq_len)
     if masked and mask_id is None:
         logger.warning("masked LM without a known mask token: corrupting by random replacement instead")
-    batches = []
-    for b in ids:
-        if masked:  # the training rule (BERT's 80/10/10), with at least one label so the loss is finite
-            inp, labels = mask_tokens(b, mlm_probability, g, mask_id, limits.non_special_ids(),
-                                      list(limits.special_ids.values()), at_least_one=True)
-            pick = labels != IGNORE_INDEX
-            if sampled and pick.any():  # labels drawn from the model's conditionals given this input
-                labels[pick] = _sample_masked(model, inp, pick, limits, g)
-            batches.append({"input_ids": inp, "labels": labels, "attention_mask": torch.ones_like(b)})
-        else:
-            batches.append({"input_ids": b.clone(), "labels": b.clone()})
+    batches = [_with_labels(model, b, limits, g, mlm_probability, mask_id, sampled) if masked
+               else {"input_ids": b.clone(), "labels": b.clone()} for b in ids]
     check_batches_fit(batches, limits)
     return batches
+
+
+def _text_ids(tokenizer: Any, files: list[str], path: str | None, shape: tuple[int, int, int],
+              g: torch.Generator) -> tuple[torch.Tensor | None, list[str]]:
+    """A random window of ``prod(shape)`` tokens of the text in ``files`` (read until 40 times that
+    many characters) -> ``(ids of shape, [])``, or ``(None, [the problem])`` when the embedded corpus
+    gives too few tokens.
+
+    Raises:
+        ProgtrainConfigError: the user's ``--data`` file ``path`` gives too few tokens.
+    """
+    n_batches, batch_size, seq_len = shape
+    n_tok = n_batches * batch_size * seq_len
+    text, chars = [], 0
+    for f in files:
+        t = open(f, encoding="utf-8", errors="ignore").read()
+        text.append(t)
+        chars += len(t)
+        if chars > 40 * n_tok:
+            break
+    enc = tokenizer("\n".join(text), add_special_tokens=False)["input_ids"]
+    if len(enc) >= n_tok:
+        start = int(torch.randint(0, len(enc) - n_tok + 1, (1,), generator=g))
+        return torch.tensor(enc[start : start + n_tok]).view(n_batches, batch_size, seq_len), []
+    if path:
+        raise ProgtrainConfigError(
+            f"--data {path} gives {len(enc)} tokens, fewer than the {n_tok} of {n_batches} batches of "
+            f"{batch_size}x{seq_len}: pass more text or fewer --calib-batches"
+        )
+    return None, [f"the tokenizer gives {len(enc)} tokens of the embedded corpus, fewer than {n_tok}"]
+
+
+def _with_labels(model: PreTrainedModel, b: torch.Tensor, limits: InputLimits, g: torch.Generator,
+                 mlm_probability: float, mask_id: int | None, sampled: bool) -> dict[str, torch.Tensor]:
+    """A masked-LM batch from ids ``b`` ``[batch, seq]``: the training rule (BERT's 80/10/10,
+    :func:`progtrain.mlm.mask_tokens`) with at least one label so the loss is finite; with
+    ``sampled`` (ids sampled from the model) the labels are drawn from the model's conditionals given
+    the corrupted input."""
+    inp, labels = mask_tokens(b, mlm_probability, g, mask_id, limits.non_special_ids(),
+                              list(limits.special_ids.values()), at_least_one=True)
+    pick = labels != IGNORE_INDEX
+    if sampled and pick.any():
+        labels[pick] = _sample_masked(model, inp, pick, limits, g)
+    return {"input_ids": inp, "labels": labels, "attention_mask": torch.ones_like(b)}
