@@ -331,15 +331,25 @@ def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
     return d
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] | None = None, output_dir: str | None = None) -> RunConfig:
-    """Read a YAML run config, apply ``--set`` overrides and an output directory, and validate it."""
+def read_run_yaml(path: str | os.PathLike) -> Any:
+    """The parsed YAML of the run config file at ``path`` ({} for an empty file), not yet checked.
+
+    Raises:
+        ProgtrainConfigError: the file is missing or is not YAML.
+    """
     p = Path(path)
     if not p.is_file():
         raise ProgtrainConfigError(f"run config {p} does not exist: pass the path of a YAML file (see configs/)")
     try:
-        d = yaml.safe_load(p.read_text()) or {}
+        return yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ProgtrainConfigError(f"cannot parse {p} as YAML: {str(e).splitlines()[0]}") from None
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] | None = None, output_dir: str | None = None) -> RunConfig:
+    """Read a YAML run config, apply ``--set`` overrides and an output directory, and validate it."""
+    p = Path(path)
+    d = read_run_yaml(p)
     d = apply_overrides(d, overrides or [])
     if output_dir:
         d["output_dir"] = output_dir
