@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .io import atomic_write_text
+
 
 @dataclass
 class Curve:
@@ -252,9 +254,7 @@ def write_report(out: str | Path, stem: str, markdown: str, data: dict[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     md, js = out / f"{stem}.md", out / f"{stem}.json"
     md.write_text(markdown)
-    tmp = out / f"{stem}.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, js)
+    atomic_write_text(js, json.dumps(data, indent=1, default=str))
     return md, js
 
 

@@ -125,30 +125,11 @@ def render_model_card(
     Returns:
         The card text: ``---\\n<yaml>\\n---\\n\\n<markdown>``. Tokens and secrets are redacted.
     """
-    if not isinstance(growth_history, (list, tuple)):
-        raise ProgtrainConfigError(
-            f"growth_history must be a list of growth records, got {type(growth_history).__name__}; "
-            f"pass progtrain.io.read_growth_history(checkpoint_dir)"
-        )
-    if stages is not None and not isinstance(stages, (list, tuple)):
-        raise ProgtrainConfigError(f"stages must be a list of stage rows or None, got {type(stages).__name__}")
-    growth_history = [_scrub(r) for r in growth_history]
-    stages = [_scrub(s) for s in stages] if stages is not None else None
-    final_metrics = _scrub(dict(final_metrics)) if final_metrics else None
-
+    growth_history, stages, final_metrics = _checked_inputs(growth_history, stages, final_metrics)
     model_type = _get(config, "model_type")
-    tags = list(TAGS) + ([str(model_type)] if model_type else [])
     hub_base = base_model if base_model and _is_repo_id(base_model) else None
     hub_datasets = [d for d in (datasets or []) if _is_repo_id(d)]
-    data = ModelCardData(
-        library_name="transformers",
-        tags=tags,
-        base_model=hub_base,
-        datasets=hub_datasets or None,
-        pipeline_tag=pipeline_tag_for(config),
-        **{k: v for k, v in (license_info or {}).items() if k in LICENSE_FIELDS and v},
-    )
-    front = data.to_yaml()
+    front = _front_matter(config, hub_base, hub_datasets, license_info)
 
     title = model_name or (f"progressively grown {model_type}" if model_type else "progressively grown model")
     rows = stages if stages is not None else _rows_from_history(growth_history)
@@ -173,6 +154,35 @@ def render_model_card(
         md += [extra_markdown.rstrip(), ""]
     text = f"---\n{front.rstrip()}\n---\n\n" + "\n".join(md).rstrip() + "\n"
     return redact(text)
+
+
+def _checked_inputs(growth_history: Any, stages: Any, final_metrics: dict | None
+                    ) -> tuple[list[dict], list[dict] | None, dict | None]:
+    """:func:`render_model_card`'s record inputs checked (ProgtrainConfigError) and scrubbed of secrets."""
+    if not isinstance(growth_history, (list, tuple)):
+        raise ProgtrainConfigError(
+            f"growth_history must be a list of growth records, got {type(growth_history).__name__}; "
+            f"pass progtrain.io.read_growth_history(checkpoint_dir)"
+        )
+    if stages is not None and not isinstance(stages, (list, tuple)):
+        raise ProgtrainConfigError(f"stages must be a list of stage rows or None, got {type(stages).__name__}")
+    return ([_scrub(r) for r in growth_history], [_scrub(s) for s in stages] if stages is not None else None,
+            _scrub(dict(final_metrics)) if final_metrics else None)
+
+
+def _front_matter(config: Any, hub_base: str | None, hub_datasets: list[str], license_info: dict | None) -> str:
+    """The card's YAML front matter (huggingface_hub's ``ModelCardData``): library, tags, Hub base
+    model and datasets, pipeline tag, the source's license fields."""
+    model_type = _get(config, "model_type")
+    data = ModelCardData(
+        library_name="transformers",
+        tags=list(TAGS) + ([str(model_type)] if model_type else []),
+        base_model=hub_base,
+        datasets=hub_datasets or None,
+        pipeline_tag=pipeline_tag_for(config),
+        **{k: v for k, v in (license_info or {}).items() if k in LICENSE_FIELDS and v},
+    )
+    return data.to_yaml()
 
 
 LICENSE_FIELDS = ("license", "license_name", "license_link")

@@ -18,9 +18,10 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from .errors import ProgtrainConfigError, ProgtrainError, config_error_text, config_errors
+from .errors import ProgtrainConfigError, ProgtrainError
 from .growth import GrowthSpec, grow, plan_growth
 from .init import available_strategies, options_help
+from .text import text_table
 
 logger = logging.getLogger("progtrain")
 
@@ -78,38 +79,17 @@ def _kv(value: str) -> tuple[str, Any]:
     return k.strip(), yaml.safe_load(v)
 
 
-def _table(rows: Sequence[Sequence[Any]]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for j, r in enumerate(rows):
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------- grow
 def cmd_grow(args: argparse.Namespace) -> int:
-    from .io import load_model, load_tokenizer, read_growth_history, save_checkpoint
+    from .io import check_output_dir, load_hf_config, load_model, load_tokenizer, read_growth_history, save_checkpoint
 
     spec = dataclass_from_args(GrowthSpec, args)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ProgtrainConfigError(f"output directory {out} exists and is not empty: pass --overwrite or another path")
+    check_output_dir(out, args.overwrite)
     # plan the growth (sizes, layer sources, strategy, grown config) before loading any weights
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .io import check_safe_weights
-
-    check_safe_weights(args.src, args.task)
-    try:
-        config = AutoConfig.from_pretrained(args.src)
-    except OSError as e:
-        raise ProgtrainConfigError(f"cannot load a model config from {args.src!r}: {str(e).splitlines()[0]}") from None
-    except config_errors() as e:
-        raise ProgtrainConfigError(
-            f"the config of {args.src} is invalid ({config_error_text(e)}): fix its config.json"
-        ) from None
+    config = load_hf_config(args.src, args.task)
     plan = plan_growth(config, spec, init=args.init, init_kwargs=dict(args.init_option or []))
     strategy = plan.strategy
     if args.calib_batches < 1:
@@ -157,7 +137,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
     s, t = res.source_sizes.as_dict(), res.target_sizes.as_dict()
     rows = [("size", "before", "after")] + [(k, s[k], t[k]) for k in s]
     rows.append(("parameters", f"{res.record['params_before']:,}", f"{res.record['params_after']:,}"))
-    print(_table(rows))
+    print(text_table(rows))
     print("\n" + _growth_status(res.deviation, res.exact, res.notes))
     d_src, d_out = res.deviation["dtypes"]
     print(f"dtype: {d_src} -> {d_out}   (weights as stored, outputs computed in float32)")

@@ -10,11 +10,11 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import transformers
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .errors import ProgtrainConfigError, config_error_text, config_errors
 
@@ -38,8 +38,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     and 0600.
     """
     final = Path(final)
-    if final.exists() and any(final.iterdir()) and not overwrite:
-        raise ProgtrainConfigError(f"output directory {final} exists and is not empty: pass --overwrite or another path")
+    check_output_dir(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
@@ -56,6 +55,56 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an existing non-empty output directory unless ``overwrite`` (checked before any work).
+
+    Raises:
+        ProgtrainConfigError: ``path`` exists, is not empty and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise ProgtrainConfigError(f"output directory {path} exists and is not empty: pass --overwrite or another path")
+
+
+def atomic_write(final: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Write one file through a temporary file next to ``final`` renamed into place.
+
+    ``write(tmp)`` writes the temporary file (named ``.<final name>.tmp-XXXX<final suffix>``, so a
+    writer that picks its format from the suffix, e.g. matplotlib's ``savefig``, sees ``final``'s);
+    it is then flushed to disk, given the umask's mode and renamed to ``final``, so a reader sees the
+    old file or the whole new one, never half of it. On any exception the temporary file is removed
+    and ``final`` is left as it was. Returns ``final``. (A directory: :func:`atomic_dir`.)
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", suffix=final.suffix, dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        honour_umask(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return final
+
+
+def atomic_write_text(final: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``final`` atomically (:func:`atomic_write`); returns ``final``."""
+    return atomic_write(final, lambda tmp: tmp.write_text(text))
+
+
+def json_default(o: Any) -> Any:
+    """``json.dumps(..., default=json_default)``: arrays and tensors (anything with ``tolist``) as
+    lists, everything else as its ``str``."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
 
 
 def current_umask() -> int:
@@ -190,6 +239,27 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return dtype
 
 
+def load_hf_config(path: str | os.PathLike, task: str | None = None, name: str | None = None) -> PretrainedConfig:
+    """The transformers config of the checkpoint at ``path`` (local directory or Hub id), after
+    :func:`check_safe_weights`. ``name`` is how messages name ``path`` (e.g. ``"model.checkpoint"``).
+
+    Raises:
+        ProgtrainConfigError: one line: pickle-only weights, no loadable config (missing, unreadable,
+            not on the Hub), or a config transformers rejects as invalid (:func:`config_error_text`).
+    """
+    check_safe_weights(path, task)
+    where = f"{name} {str(path)!r}" if name else repr(str(path))
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ProgtrainConfigError(
+            f"{where}: cannot load a model config ({first}): pass a checkpoint directory or Hub id"
+        ) from None
+    except config_errors() as e:
+        raise ProgtrainConfigError(f"{where}: its config is invalid ({config_error_text(e)}): fix its config.json") from None
+
+
 def load_model(path: str, task: str | None = None, dtype: str | torch.dtype = "auto", **kwargs: Any) -> PreTrainedModel:
     """Load a checkpoint (local directory or hub id) with safetensors only.
 
@@ -197,13 +267,7 @@ def load_model(path: str, task: str | None = None, dtype: str | torch.dtype = "a
     else its weights'), as plain ``transformers`` does; ``"float32"``, ``"bfloat16"``, ``"float16"``
     or a ``torch.dtype`` loads it in that dtype instead.
     """
-    check_safe_weights(path, task)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except OSError as e:
-        raise ProgtrainConfigError(f"cannot load a model config from {path!r}: {e}".splitlines()[0]) from None
-    except config_errors() as e:
-        raise ProgtrainConfigError(f"the config of {path} is invalid ({config_error_text(e)}): fix its config.json") from None
+    config = load_hf_config(path, task)
     cls = model_class_for(config, task)
     want = resolve_dtype(dtype)
     return cls.from_pretrained(path, config=config, use_safetensors=True, dtype=want or "auto", **kwargs)
@@ -269,7 +333,7 @@ def save_checkpoint(
             from . import __version__
 
             (tmp / GROWTH_FILE).write_text(
-                json.dumps({"progtrain_version": __version__, "history": history}, indent=2, default=_json_default)
+                json.dumps({"progtrain_version": __version__, "history": history}, indent=2, default=json_default)
             )
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
@@ -288,9 +352,3 @@ def save_checkpoint(
             carry_files(carry_from, tmp, plan)
     logger.info("saved %s to %s", type(model).__name__, out)
     return out
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)

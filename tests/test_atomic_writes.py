@@ -165,3 +165,49 @@ def test_sigkill_mid_training_checkpoint_then_resume(tmp_path):
     rows = [__import__("json").loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [r["step"] for r in rows if r.get("event") == "train"]
     assert steps == list(range(1, 15)), steps  # rows after the resumed checkpoint were rewritten, none twice
+
+
+# ---------------------------------------------------------------------- single files (atomic_write)
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    import os
+    import stat
+
+    from progtrain.io import atomic_write, atomic_write_text, current_umask
+
+    f = tmp_path / "run_info.json"
+    atomic_write_text(f, "old")
+    assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~current_umask()  # not mkstemp's 0600
+
+    def half(tmp):
+        tmp.write_text("ha")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(f, half)
+    assert f.read_text() == "old" and os.listdir(tmp_path) == ["run_info.json"]  # no temp file left
+    atomic_write_text(f, "new")
+    assert f.read_text() == "new" and os.listdir(tmp_path) == ["run_info.json"]
+
+
+def test_report_writers_leave_no_temp_files(tmp_path):
+    """Every single-file writer goes through atomic_write: metrics truncation, the plot, benchmark JSON."""
+    pytest.importorskip("matplotlib")
+    from progtrain.benchmark import write_report
+    from progtrain.train.report import MetricsLog, plot_loss_vs_flops, read_metrics
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3):
+        log.write(event="train", step=step, stage=0, tokens=step, flops=float(step), train_loss=1.0 / step)
+    MetricsLog(tmp_path / "metrics.jsonl", truncate_after_step=2)
+    assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    plot_loss_vs_flops(read_metrics(tmp_path / "metrics.jsonl"), tmp_path / "loss_vs_flops.png")
+    assert (tmp_path / "loss_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+    write_report(tmp_path, "bench", "# x", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md", "loss_vs_flops.png", "metrics.jsonl"]
+
+
+def test_text_table_rules():
+    from progtrain.text import text_table
+
+    assert text_table([("a", "bb"), (1, 2), (333, 4)], rules_after=(0, 1)).splitlines() == [
+        "a    bb", "---  --", "1    2", "---  --", "333  4"]

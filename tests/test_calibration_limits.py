@@ -190,8 +190,9 @@ def test_calibration_batches_fit(bpe, caplog, family, tok_case):
         assert lab.numel() > 0 and int(lab.min()) >= 0 and int(lab.max()) < vocab
         if family == "bert":
             picked = b["labels"] != -100
-            if tok_case == "fits":  # the tokenizer's mask token
-                assert bool((b["input_ids"][picked] == tok.mask_token_id).all())
+            if tok_case == "fits":  # the tokenizer's mask token, at the picked positions only (80/10/10 rule)
+                assert (b["input_ids"][picked] == tok.mask_token_id).float().mean() >= 0.5
+                assert not bool((b["input_ids"][~picked] == tok.mask_token_id).any())
         with torch.no_grad():
             assert torch.isfinite(model(**b).loss)
     check_batches_fit(batches, lim)

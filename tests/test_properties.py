@@ -249,7 +249,7 @@ def run_config_dicts(draw):
 @settings(**SETTINGS)
 @given(d=run_config_dicts())
 def test_run_configs_validate_or_raise_config_error(d):
-    from progtrain.train.config import from_dict, stage_sizes
+    from progtrain.train.config import from_dict, stage_plans
     from progtrain.train.flops import plan
 
     try:
@@ -262,7 +262,8 @@ def test_run_configs_validate_or_raise_config_error(d):
     event(f"accepted with {len(cfg.stages)} stage(s)")
     starts = cfg.stage_starts()
     assert starts == sorted(set(starts)) and starts[-1] < cfg.train.max_steps
-    sizes = stage_sizes(cfg)
+    _, plans = stage_plans(cfg)
+    sizes = [p.source_sizes for p in plans[:1]] + [p.target_sizes for p in plans]
     for a, b in zip(sizes, sizes[1:]):
         assert all(getattr(b, k) >= getattr(a, k) for k in ("hidden", "heads", "kv_heads", "ffn", "layers"))
     rows = plan(cfg, vocab_size=128)

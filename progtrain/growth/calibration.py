@@ -51,6 +51,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import ProgtrainConfigError
+from ..mlm import IGNORE_INDEX, mask_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +265,8 @@ def _uniform(limits: InputLimits, shape: tuple[int, ...], g: torch.Generator) ->
 def _corrupt(ids: torch.Tensor, pick: torch.Tensor, mask_id: int | None, limits: InputLimits,
              g: torch.Generator) -> torch.Tensor:
     """``ids`` with the picked positions replaced by the mask token (or, with none, a uniform
-    non-special token: BERT's random-replacement branch)."""
+    non-special token): the Gibbs sampler's query of the conditionals at ``pick``, not the training
+    corruption (that is :func:`progtrain.mlm.mask_tokens`)."""
     fill = torch.full_like(ids, mask_id) if mask_id is not None else _uniform(limits, tuple(ids.shape), g)
     return torch.where(pick, fill, ids)
 
@@ -341,9 +343,11 @@ def calibration_batches(
     """``n_batches`` dicts accepted by ``model(**batch)`` returning ``.loss``, within the model's limits.
 
     Each batch holds ``input_ids`` and ``labels`` of shape ``[batch_size, min(seq_len, positions)]``.
-    Causal LMs get ``labels = input_ids``; masked LMs get ``mlm_probability`` of the tokens replaced
-    by the mask token (the tokenizer's, else the config's ``mask_token_id``, else a uniform
-    non-special token) with ``labels`` = -100 elsewhere, and an all-ones ``attention_mask``.
+    Causal LMs get ``labels = input_ids``; masked LMs get the masking they are trained with
+    (:func:`progtrain.mlm.mask_tokens`: ``mlm_probability`` of the non-special tokens picked, of
+    those 80% replaced by the mask token, the tokenizer's, else the config's ``mask_token_id``, else
+    a uniform non-special token, 10% by a uniform non-special token, 10% kept; at least one picked),
+    ``labels`` = -100 elsewhere, and an all-ones ``attention_mask``.
 
     Tokens come from ``path`` (else the embedded corpus) tokenised with ``tokenizer`` when the
     tokenizer fits the model (:func:`fit_problems`); else, with a warning, from the tokenizer-free
@@ -366,7 +370,6 @@ def calibration_batches(
     if seq_len < 2:
         raise ProgtrainConfigError(f"the model serves {seq_len} position(s): calibration needs sequences of at least 2 tokens")
     g = torch.Generator().manual_seed(seed)
-    n_tok = n_batches * batch_size * seq_len
     problems = fit_problems(limits, tokenizer=tokenizer, masked=masked) if tokenizer is not None else ["no tokenizer"]
     if path:
         if not os.path.exists(path):
@@ -379,24 +382,7 @@ def calibration_batches(
     ids = None
     files = [path] if path else embedded_corpus_files()
     if not problems and files:
-        text, chars = [], 0
-        for f in files:
-            t = open(f, encoding="utf-8", errors="ignore").read()
-            text.append(t)
-            chars += len(t)
-            if chars > 40 * n_tok:
-                break
-        enc = tokenizer("\n".join(text), add_special_tokens=False)["input_ids"]
-        if len(enc) >= n_tok:
-            start = int(torch.randint(0, len(enc) - n_tok + 1, (1,), generator=g))
-            ids = torch.tensor(enc[start : start + n_tok]).view(n_batches, batch_size, seq_len)
-        elif path:
-            raise ProgtrainConfigError(
-                f"--data {path} gives {len(enc)} tokens, fewer than the {n_tok} of {n_batches} batches of "
-                f"{batch_size}x{seq_len}: pass more text or fewer --calib-batches"
-            )
-        else:
-            problems = [f"the tokenizer gives {len(enc)} tokens of the embedded corpus, fewer than {n_tok}"]
+        ids, problems = _text_ids(tokenizer, files, path, (n_batches, batch_size, seq_len), g)
     mask_id = limits.mask_token_id
     if ids is not None and getattr(tokenizer, "mask_token_id", None) is not None:
         mask_id = int(tokenizer.mask_token_id)
@@ -413,19 +399,51 @@ def calibration_batches(
         ids = flat.view(n_batches, batch_size, seq_len)
     if masked and mask_id is None:
         logger.warning("masked LM without a known mask token: corrupting by random replacement instead")
-    batches = []
-    for b in ids:
-        if masked:
-            pick = torch.rand(b.shape, generator=g) < mlm_probability
-            if not pick.any():  # at least one label, or the batch's loss is NaN
-                pick.view(-1)[int(torch.randint(0, pick.numel(), (1,), generator=g))] = True
-            inp = _corrupt(b, pick, mask_id, limits, g)
-            if sampled and pick.any():  # labels drawn from the model's conditionals given this input
-                b = b.clone()
-                b[pick] = _sample_masked(model, inp, pick, limits, g)
-            labels = torch.where(pick, b, torch.full_like(b, -100))
-            batches.append({"input_ids": inp, "labels": labels, "attention_mask": torch.ones_like(b)})
-        else:
-            batches.append({"input_ids": b.clone(), "labels": b.clone()})
+    batches = [_with_labels(model, b, limits, g, mlm_probability, mask_id, sampled) if masked
+               else {"input_ids": b.clone(), "labels": b.clone()} for b in ids]
     check_batches_fit(batches, limits)
     return batches
+
+
+def _text_ids(tokenizer: Any, files: list[str], path: str | None, shape: tuple[int, int, int],
+              g: torch.Generator) -> tuple[torch.Tensor | None, list[str]]:
+    """A random window of ``prod(shape)`` tokens of the text in ``files`` (read until 40 times that
+    many characters) -> ``(ids of shape, [])``, or ``(None, [the problem])`` when the embedded corpus
+    gives too few tokens.
+
+    Raises:
+        ProgtrainConfigError: the user's ``--data`` file ``path`` gives too few tokens.
+    """
+    n_batches, batch_size, seq_len = shape
+    n_tok = n_batches * batch_size * seq_len
+    text, chars = [], 0
+    for f in files:
+        t = open(f, encoding="utf-8", errors="ignore").read()
+        text.append(t)
+        chars += len(t)
+        if chars > 40 * n_tok:
+            break
+    enc = tokenizer("\n".join(text), add_special_tokens=False)["input_ids"]
+    if len(enc) >= n_tok:
+        start = int(torch.randint(0, len(enc) - n_tok + 1, (1,), generator=g))
+        return torch.tensor(enc[start : start + n_tok]).view(n_batches, batch_size, seq_len), []
+    if path:
+        raise ProgtrainConfigError(
+            f"--data {path} gives {len(enc)} tokens, fewer than the {n_tok} of {n_batches} batches of "
+            f"{batch_size}x{seq_len}: pass more text or fewer --calib-batches"
+        )
+    return None, [f"the tokenizer gives {len(enc)} tokens of the embedded corpus, fewer than {n_tok}"]
+
+
+def _with_labels(model: PreTrainedModel, b: torch.Tensor, limits: InputLimits, g: torch.Generator,
+                 mlm_probability: float, mask_id: int | None, sampled: bool) -> dict[str, torch.Tensor]:
+    """A masked-LM batch from ids ``b`` ``[batch, seq]``: the training rule (BERT's 80/10/10,
+    :func:`progtrain.mlm.mask_tokens`) with at least one label so the loss is finite; with
+    ``sampled`` (ids sampled from the model) the labels are drawn from the model's conditionals given
+    the corrupted input."""
+    inp, labels = mask_tokens(b, mlm_probability, g, mask_id, limits.non_special_ids(),
+                              list(limits.special_ids.values()), at_least_one=True)
+    pick = labels != IGNORE_INDEX
+    if sampled and pick.any():
+        labels[pick] = _sample_masked(model, inp, pick, limits, g)
+    return {"input_ids": inp, "labels": labels, "attention_mask": torch.ones_like(b)}

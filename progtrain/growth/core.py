@@ -204,24 +204,89 @@ def grow(
             another config, or calibration batches outside the model's limits; raised before any
             tensor is built.
     """
+    t0 = time.perf_counter()
+    plan, out_dtype, data = _check_inputs(model, spec, init, init_kwargs, sizes, dtype, data)
+    strategy, tied = plan.strategy, has_tied_head(model)
+    old_params = dict(iter_params(model))
+    for n in old_params:
+        plan.adapter.classify(n, base_prefix(model))  # raises on unknown params
+    maps = SpaceMaps.build(plan, tied)
+    main_dtype = out_dtype or model.dtype  # transformers' notion: the first floating parameter's dtype
+    new_model = _empty_target_model(model, plan, tied, main_dtype)
+    gen = torch.Generator().manual_seed(seed)
+    ctx = GrowthContext(old_model=model, new_model=None, maps=maps, param_maps={}, data=data)
+    strategy.before(ctx)
+    noise = plan.spec.symmetry_noise if strategy.preserves_function else 0.0
+    state, param_maps = _grown_tensors(model, new_model, plan, maps, old_params, noise, gen, out_dtype)
+    _load_grown_state(new_model, state, tied)
+    if out_dtype is None:
+        _mirror_buffer_dtypes(new_model, model)
+    new_model.train(model.training)
+    ctx.new_model, ctx.param_maps = new_model, param_maps
+    strategy.after(ctx)
+
+    notes = maps.exactness_notes() + list(ctx.report.get("notes", []))
+    expected_exact = not notes
+    exact, deviation = _measure(model, new_model, maps, seed, plan.adapter.name, notes) if verify else (None, None)
+    outcome = {"exact": exact, "expected_exact": expected_exact, "notes": notes, "deviation": deviation}
+    record = _growth_record(model, new_model, plan, maps, ctx, seed, noise, main_dtype, outcome, t0)
+    return GrowthResult(new_model, plan.source_sizes, plan.target_sizes, param_maps, maps, exact, notes, deviation,
+                        record, expected_exact)
+
+
+def _growth_record(model: PreTrainedModel, new_model: PreTrainedModel, plan: GrowthPlan, maps: SpaceMaps,
+                   ctx: GrowthContext, seed: int, noise: float, main_dtype: torch.dtype, outcome: dict,
+                   t0: float) -> dict:
+    """Step 6 of :func:`grow`: the growth record (``GrowthResult.record``, written to the growth
+    history): the plan's record, the strategy, seed, dtypes, the measured ``outcome`` (exact,
+    expected_exact, notes, deviation; ``exact`` None when nothing was measured: no measurement, no
+    claim), parameter counts and the seconds since ``t0``."""
+    return {
+        **plan.record(),
+        "model_class": type(model).__name__,
+        "hidden_index_map": [int(i) for i in maps.plan("hidden.out", "").src] if maps.hidden_mode != "same" else None,
+        "init": plan.strategy.describe(),
+        "seed": seed,
+        "dtype": {"source": str(model.dtype).removeprefix("torch."), "grown": str(main_dtype).removeprefix("torch.")},
+        "symmetry_noise": noise,
+        **outcome,
+        "strategy_report": {k: v for k, v in ctx.report.items() if k != "notes"},
+        "params_before": sum(p.numel() for _, p in iter_params(model)),
+        "params_after": sum(p.numel() for _, p in iter_params(new_model)),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _check_inputs(model: Any, spec: GrowthSpec | GrowthPlan | dict | None, init: str | Any | None,
+                  init_kwargs: dict | None, sizes: dict, dtype: str | torch.dtype | None,
+                  data: Any) -> tuple[GrowthPlan, torch.dtype | None, Any]:
+    """Step 1 of :func:`grow`, before any tensor is built: the model, the output dtype (None: the
+    source's, per tensor), the :class:`GrowthPlan` (sizes, layer sources, strategy, grown config;
+    made, or checked against ``model``) and a data-driven strategy's batches (against the model's
+    input limits: a clear error, not an IndexError inside the model) -> ``(plan, dtype, data)``.
+
+    Raises:
+        ProgtrainConfigError: not a PreTrainedModel, an unknown dtype, a plan with extra arguments or
+            for another model, a spec given twice, anything :func:`plan_growth` refuses, or batches
+            outside the model's limits.
+    """
     from ..io import resolve_dtype
 
-    t0 = time.perf_counter()
     if not isinstance(model, PreTrainedModel):
         raise ProgtrainConfigError(
             f"grow() takes a transformers PreTrainedModel, got {type(model).__name__}; unwrap it first "
             f"(accelerator.unwrap_model(model))"
         )
-    out_dtype = resolve_dtype(dtype)  # None: the source's, per tensor
+    out_dtype = resolve_dtype(dtype)
     if isinstance(spec, GrowthPlan):
         if sizes or init is not None or init_kwargs:
             raise ProgtrainConfigError("a GrowthPlan holds the sizes and the init strategy: pass it alone")
-        plan = spec
-        if get_adapter(model) is not plan.adapter or plan.adapter.read_sizes(model.config) != plan.source_sizes:
+        if get_adapter(model) is not spec.adapter or spec.adapter.read_sizes(model.config) != spec.source_sizes:
             raise ProgtrainConfigError(
-                f"this GrowthPlan was made for a {plan.adapter.name} model of sizes {plan.source_sizes.as_dict()}, "
+                f"this GrowthPlan was made for a {spec.adapter.name} model of sizes {spec.source_sizes.as_dict()}, "
                 f"not for this {type(model).__name__}: make the plan from this model's config (plan_growth)"
             )
+        plan = spec
     else:
         if spec is None:
             spec = GrowthSpec.from_dict(sizes)
@@ -229,28 +294,23 @@ def grow(
             spec = GrowthSpec.from_dict({**spec, **sizes})
         elif sizes:
             raise ProgtrainConfigError("pass either a GrowthSpec or size keywords, not both")
-        # sizes, layer sources and the grown config, validated before any tensor
         plan = plan_growth(model.config, spec, "function_preserving" if init is None else init, init_kwargs)
-    adapter, strategy, src, tgt = plan.adapter, plan.strategy, plan.source_sizes, plan.target_sizes
-    if data is not None and strategy.needs_data:  # a clear error, not an IndexError inside the model
+    if data is not None and plan.strategy.needs_data:
         from .calibration import check_batches_fit, input_limits
 
         data = list(data)
         check_batches_fit(data, input_limits(model))
-    prefix = base_prefix(model)
-    tied = has_tied_head(model)
+    return plan, out_dtype, data
 
-    old_params = dict(iter_params(model))
-    classified = {n: adapter.classify(n, prefix) for n in old_params}  # raises on unknown params
-    maps = SpaceMaps.build(plan, tied)
-    # the plan's sizes and layer sources applied to this model's own config object (which may carry
-    # load-time settings the plan's copy lacks); validated as plan.target_config was
-    new_config = adapter.write_config(model.config, tgt, plan.eps_scale, list(plan.layer_sources))
+
+def _empty_target_model(model: PreTrainedModel, plan: GrowthPlan, tied: bool, main_dtype: torch.dtype) -> PreTrainedModel:
+    """Step 2 of :func:`grow`: the grown model of ``model``'s class on the meta device (no memory),
+    its config ``model``'s own config object with the plan's sizes and layer sources applied (it may
+    carry load-time settings the plan's copy lacks), ``dtype`` ``main_dtype``; generation settings
+    carried over."""
+    new_config = plan.adapter.write_config(model.config, plan.target_sizes, plan.eps_scale, list(plan.layer_sources))
     new_config.architectures = [type(model).__name__]
-    src_dtype = model.dtype  # transformers' notion: the first floating parameter's dtype
-    main_dtype = out_dtype or src_dtype
     new_config.dtype = main_dtype  # what save_pretrained writes, and from_pretrained's "auto" reads
-
     # built under the output dtype as the default, as from_pretrained builds a model: buffers come
     # out as the model class makes them at that dtype
     prev_default = torch.get_default_dtype()
@@ -263,14 +323,23 @@ def grow(
     if tied:
         new_model.tie_weights()
     carry_generation_config(model, new_model)  # eos ids, sampling defaults, max_new_tokens: vocab is unchanged
-    new_prefix = base_prefix(new_model)
-    gen = torch.Generator().manual_seed(seed)
-    ctx = GrowthContext(old_model=model, new_model=None, maps=maps, param_maps={}, data=data)
-    strategy.before(ctx)
+    return new_model
 
+
+def _grown_tensors(model: PreTrainedModel, new_model: PreTrainedModel, plan: GrowthPlan, maps: SpaceMaps,
+                   old_params: dict[str, torch.Tensor], noise: float, gen: torch.Generator,
+                   out_dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, ParamMap]]:
+    """Step 3 of :func:`grow`: every parameter of ``new_model`` built from its source tensor by the
+    axis plans (constrained blocks), its free blocks filled by the plan's strategy, in its output
+    dtype. Returns the state dict and each parameter's :class:`ParamMap`.
+
+    Raises:
+        ProgtrainConfigError: a grown parameter has no source in ``model``.
+    """
+    adapter, strategy = plan.adapter, plan.strategy
+    prefix, new_prefix = base_prefix(model), base_prefix(new_model)
     state: dict[str, torch.Tensor] = {}
     param_maps: dict[str, ParamMap] = {}
-    noise = plan.spec.symmetry_noise if strategy.preserves_function else 0.0
     for name, p_new in iter_params(new_model):
         pspec, layer, suffix = adapter.classify(name, new_prefix)
         new_layer = False
@@ -292,29 +361,25 @@ def grow(
         if tuple(value.shape) != tuple(p_new.shape):
             raise RuntimeError(f"{name}: built {tuple(value.shape)}, model expects {tuple(p_new.shape)}")
         pmap = ParamMap(old_name, plans, new_layer, tuple(value.shape))
-        born = pmap.born_mask()
         tg = TensorGrowth(
-            name=name,
-            role=pspec.role,
-            axes=pspec.axes,
-            value=value,
-            free=status == FREE,
-            born=born,
-            old=old_eff.detach().float(),
-            fan_in_old=_fan_in(tuple(old.shape), pspec.axes),
-            fan_in_new=_fan_in(tuple(value.shape), pspec.axes),
-            new_layer=new_layer,
-            config=new_config,
+            name=name, role=pspec.role, axes=pspec.axes, value=value, free=status == FREE, born=pmap.born_mask(),
+            old=old_eff.detach().float(), fan_in_old=_fan_in(tuple(old.shape), pspec.axes),
+            fan_in_new=_fan_in(tuple(value.shape), pspec.axes), new_layer=new_layer, config=new_model.config,
             generator=gen,
         )
         built = tg.value.clone() if offset else None
         strategy.init_tensor(tg)
         if offset:
             tg.value = _stored_gain(tg.value, built, old, plans, status, offset)
-        state[name] = tg.value.to(_param_dtype(name, old.dtype, src_dtype, out_dtype, new_model))
+        state[name] = tg.value.to(_param_dtype(name, old.dtype, model.dtype, out_dtype, new_model))
         param_maps[name] = pmap
+    return state, param_maps
 
-    missing, unexpected = new_model.load_state_dict(state, strict=False, assign=True)
+
+def _load_grown_state(new_model: PreTrainedModel, state: dict[str, torch.Tensor], tied: bool) -> None:
+    """Step 4 of :func:`grow`: the built tensors assigned to the meta model; ties restored. Raises
+    RuntimeError (an internal invariant) when a key is unexpected or a parameter is left unset."""
+    _, unexpected = new_model.load_state_dict(state, strict=False, assign=True)
     still_meta = [n for n, p in new_model.named_parameters() if p.is_meta]
     if unexpected:
         raise RuntimeError(f"unexpected keys when loading the grown state: {unexpected}")
@@ -323,52 +388,27 @@ def grow(
         still_meta = [n for n, p in new_model.named_parameters() if p.is_meta]
     if still_meta:
         raise RuntimeError(f"parameters left unset after growth: {still_meta}")
-    if out_dtype is None:
-        _mirror_buffer_dtypes(new_model, model)
-    new_model.train(model.training)
-    ctx.new_model = new_model
-    ctx.param_maps = param_maps
-    strategy.after(ctx)
 
-    notes = maps.exactness_notes() + list(ctx.report.get("notes", []))
+
+def _measure(model: PreTrainedModel, new_model: PreTrainedModel, maps: SpaceMaps, seed: int, family: str,
+             notes: list[str]) -> tuple[bool, dict]:
+    """Step 5 of :func:`grow`: max |delta logits| of the grown model against the source
+    (:func:`progtrain.verify.measure_deviation`) -> ``(within tolerance, deviation)``; logged. A
+    construction expected to be exact (``notes`` empty) that misses the tolerance adds a note."""
+    from ..verify import measure_deviation
+
     expected_exact = not notes
-    exact: bool | None = None  # a label is a measurement: no measurement, no claim
-    deviation = None
-    if verify:
-        from ..verify import measure_deviation
-
-        deviation = measure_deviation(model, new_model, maps=maps, seed=seed)
-        exact = deviation["within_tolerance"]
-        tol = deviation["tolerance"]
-        if expected_exact and not exact:
-            notes.append(
-                f"measured relative deviation {deviation['rel']:.3e} exceeds the tolerance {tol:g} although "
-                f"the construction should be exact: a config option the {adapter.name} adapter does not "
-                f"model, or a bug (please report it)"
-            )
-        msg = (
-            f"grow {adapter.name}: max|dlogits| = {deviation['max_abs']:.3e} "
-            f"({deviation['rel']:.3e} of max|logits|, tolerance {tol:g})"
+    deviation = measure_deviation(model, new_model, maps=maps, seed=seed)
+    exact, tol = deviation["within_tolerance"], deviation["tolerance"]
+    if expected_exact and not exact:
+        notes.append(
+            f"measured relative deviation {deviation['rel']:.3e} exceeds the tolerance {tol:g} although "
+            f"the construction should be exact: a config option the {family} adapter does not "
+            f"model, or a bug (please report it)"
         )
-        if exact:
-            logger.info(msg + " [exact]")
-        else:
-            logger.warning(msg + " [approximate: " + "; ".join(notes) + "]")
-    record = {
-        **plan.record(),
-        "model_class": type(model).__name__,
-        "hidden_index_map": [int(i) for i in maps.plan("hidden.out", "").src] if maps.hidden_mode != "same" else None,
-        "init": strategy.describe(),
-        "seed": seed,
-        "dtype": {"source": str(src_dtype).removeprefix("torch."), "grown": str(main_dtype).removeprefix("torch.")},
-        "symmetry_noise": noise,
-        "exact": exact,
-        "expected_exact": expected_exact,
-        "notes": notes,
-        "deviation": deviation,
-        "strategy_report": {k: v for k, v in ctx.report.items() if k != "notes"},
-        "params_before": sum(p.numel() for p in old_params.values()),
-        "params_after": sum(p.numel() for _, p in iter_params(new_model)),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    return GrowthResult(new_model, src, tgt, param_maps, maps, exact, notes, deviation, record, expected_exact)
+    msg = f"grow {family}: max|dlogits| = {deviation['max_abs']:.3e} ({deviation['rel']:.3e} of max|logits|, tolerance {tol:g})"
+    if exact:
+        logger.info(msg + " [exact]")
+    else:
+        logger.warning(msg + " [approximate: " + "; ".join(notes) + "]")
+    return exact, deviation

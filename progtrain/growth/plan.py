@@ -47,14 +47,6 @@ class AxisPlan:
     def size(self) -> int:
         return int(self.src.numel())
 
-    def is_identity(self, old_size: int) -> bool:
-        return (
-            self.size == old_size
-            and bool(torch.equal(self.src, torch.arange(old_size)))
-            and bool((self.scale == 1).all())
-            and self.group is None
-        )
-
 
 def _plan(src: list[int] | torch.Tensor, scale=1.0, new_fill: int = FREE, group=None) -> AxisPlan:
     src = torch.as_tensor(src, dtype=torch.long)
@@ -265,7 +257,7 @@ class SpaceMaps:
                 return _plan(src, scale=1.0 / k, group=src)
             scale = 1.0 / k if (role == HEAD_INPUT_NORM_ROLE and self.tied_head) else 1.0
             return _plan(src, scale=scale * m)
-        # pad: exact for pre-norm families with the norm-gain/eps compensation, see DESIGN.md 3
+        # pad: exact for pre-norm families with the norm-gain/eps compensation, (docs/design.md, padding)
         if not self.preserve:
             return _plan(_pad(d, D), new_fill=FREE)
         if kind == "out":

@@ -61,6 +61,18 @@ def parse_layer_sources(value: str | Sequence[int | str]) -> list[int | str]:
     return out
 
 
+def _no_shrink(key: str, new: int | None, old: int) -> int:
+    """``new`` (``old`` when None); a size below ``old`` is refused: progtrain only grows."""
+    if new is None:
+        return old
+    if new < old:
+        raise ProgtrainConfigError(
+            f"{key}={new} is smaller than the model's {old}: progtrain only grows models; "
+            f"pass a value >= {old} or leave it unset"
+        )
+    return new
+
+
 @dataclass
 class GrowthSpec:
     """What one growth asks for. ``None`` keeps a size. A stage's ``grow:`` block, the keyword
@@ -140,7 +152,23 @@ class GrowthSpec:
 
         Raises :class:`ProgtrainConfigError` naming the problem and the fix.
         """
-        fam = adapter.name
+        self._check_values()
+        hidden = _no_shrink("hidden_size", self.hidden_size, src.hidden)
+        ffn = _no_shrink("intermediate_size", self.intermediate_size, src.ffn)
+        layers = self._resolve_layers(src)
+        heads, head_dim = self._resolve_heads(src, adapter, hidden)
+        kv = self._resolve_kv_heads(src, adapter, heads)
+        tgt = Sizes(hidden, heads, kv, head_dim, ffn, layers)
+        if tgt == src:
+            raise ProgtrainConfigError(
+                f"nothing to grow: every target size equals the model's; pass at least one larger size "
+                f"({', '.join(SIZE_FIELDS)})"
+            )
+        self.source_list(src.layers, layers)  # validates the placement / layer sources
+        return tgt
+
+    def _check_values(self) -> None:
+        """Sizes are positive integers; ``symmetry_noise`` is in [0, 1]."""
         for key in SIZE_FIELDS:
             val = getattr(self, key)
             if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
@@ -153,18 +181,9 @@ class GrowthSpec:
                 f"use e.g. 0.01, or 0 to disable it"
             )
 
-        def no_shrink(key: str, new: int | None, old: int) -> int:
-            if new is None:
-                return old
-            if new < old:
-                raise ProgtrainConfigError(
-                    f"{key}={new} is smaller than the model's {old}: progtrain only grows models; "
-                    f"pass a value >= {old} or leave it unset"
-                )
-            return new
-
-        hidden = no_shrink("hidden_size", self.hidden_size, src.hidden)
-        ffn = no_shrink("intermediate_size", self.intermediate_size, src.ffn)
+    def _resolve_layers(self, src: Sizes) -> int:
+        """The grown layer count (``num_layers``, else the length of ``layer_sources``, else the
+        source's); ``depth_init`` checked."""
         layers = self.num_layers
         if self.layer_sources is not None:
             n = len(parse_layer_sources(self.layer_sources))
@@ -174,77 +193,77 @@ class GrowthSpec:
                     f"or leave num_layers unset (it is then the number of entries)"
                 )
             layers = n
-        layers = no_shrink("num_layers", layers, src.layers)
+        layers = _no_shrink("num_layers", layers, src.layers)
         if self.depth_init is not None and self.depth_init not in DEPTH_INITS:
             raise ProgtrainConfigError(f"unknown depth_init {self.depth_init!r}: use {', '.join(DEPTH_INITS)}")
+        return layers
 
+    def _resolve_heads(self, src: Sizes, adapter: ArchAdapter, hidden: int) -> tuple[int, int]:
+        """``(num_heads, head_dim)`` of the grown model: head_dim kept where the family sets it freely
+        or positions are rotary (the head count then follows the width when not given), else
+        ``hidden / heads``, which may widen but never shrink."""
+        fam = adapter.name
         if adapter.head_dim_is_free():
-            heads = no_shrink("num_heads", self.num_heads, src.heads)
-            head_dim = src.head_dim
+            return _no_shrink("num_heads", self.num_heads, src.heads), src.head_dim
+        if self.num_heads is None and adapter.rotary and hidden != src.hidden:
+            # rotary positions fix head_dim: keep it by scaling the head count with the width
+            if hidden % src.head_dim:
+                raise ProgtrainConfigError(
+                    f"hidden_size={hidden} is not a multiple of head_dim={src.head_dim}: {fam} ties "
+                    f"head_dim to hidden_size/num_heads and its rotary positions need head_dim fixed; "
+                    f"use a multiple of {src.head_dim}"
+                )
+            heads = hidden // src.head_dim
         else:
-            if self.num_heads is None and adapter.rotary and hidden != src.hidden:
-                # rotary positions fix head_dim: keep it by scaling the head count with the width
-                if hidden % src.head_dim:
-                    raise ProgtrainConfigError(
-                        f"hidden_size={hidden} is not a multiple of head_dim={src.head_dim}: {fam} ties "
-                        f"head_dim to hidden_size/num_heads and its rotary positions need head_dim fixed; "
-                        f"use a multiple of {src.head_dim}"
-                    )
-                heads = hidden // src.head_dim
-            else:
-                heads = no_shrink("num_heads", self.num_heads, src.heads)
-            if hidden % heads:
-                raise ProgtrainConfigError(
-                    f"num_heads={heads} does not divide hidden_size={hidden} ({fam} sets head_dim = "
-                    f"hidden_size / num_heads): choose num_heads among the divisors of {hidden}"
-                )
-            head_dim = hidden // heads
-            if head_dim < src.head_dim:
-                raise ProgtrainConfigError(
-                    f"num_heads={heads} with hidden_size={hidden} would shrink head_dim from "
-                    f"{src.head_dim} to {head_dim}: grow hidden_size to at least {heads * src.head_dim} "
-                    f"or use at most {hidden // src.head_dim} heads"
-                )
-            if head_dim != src.head_dim and adapter.rotary:
-                raise ProgtrainConfigError(
-                    f"{fam} uses rotary positions, so head_dim must stay {src.head_dim}; with "
-                    f"hidden_size={hidden} use num_heads={hidden // src.head_dim}"
-                    if hidden % src.head_dim == 0
-                    else f"{fam} uses rotary positions, so head_dim must stay {src.head_dim}: "
-                    f"choose hidden_size as a multiple of {src.head_dim}"
-                )
+            heads = _no_shrink("num_heads", self.num_heads, src.heads)
+        if hidden % heads:
+            raise ProgtrainConfigError(
+                f"num_heads={heads} does not divide hidden_size={hidden} ({fam} sets head_dim = "
+                f"hidden_size / num_heads): choose num_heads among the divisors of {hidden}"
+            )
+        head_dim = hidden // heads
+        if head_dim < src.head_dim:
+            raise ProgtrainConfigError(
+                f"num_heads={heads} with hidden_size={hidden} would shrink head_dim from "
+                f"{src.head_dim} to {head_dim}: grow hidden_size to at least {heads * src.head_dim} "
+                f"or use at most {hidden // src.head_dim} heads"
+            )
+        if head_dim != src.head_dim and adapter.rotary:
+            raise ProgtrainConfigError(
+                f"{fam} uses rotary positions, so head_dim must stay {src.head_dim}; with "
+                f"hidden_size={hidden} use num_heads={hidden // src.head_dim}"
+                if hidden % src.head_dim == 0
+                else f"{fam} uses rotary positions, so head_dim must stay {src.head_dim}: "
+                f"choose hidden_size as a multiple of {src.head_dim}"
+            )
         if heads < src.heads:
             raise ProgtrainConfigError(
                 f"num_heads={heads} is smaller than the model's {src.heads}: progtrain only grows models"
             )
+        return heads, head_dim
 
-        if adapter.config_keys.get("kv_heads"):
-            if self.num_kv_heads is None:
-                kv = heads if src.kv_heads == src.heads else src.kv_heads
-            else:
-                kv = no_shrink("num_kv_heads", self.num_kv_heads, src.kv_heads)
-            if heads % kv:
-                raise ProgtrainConfigError(
-                    f"num_kv_heads={kv} does not divide num_heads={heads}: grouped-query attention "
-                    f"needs num_heads % num_kv_heads == 0; choose num_kv_heads among the divisors of {heads}"
-                )
-            _check_gqa_regroup(src.heads, src.kv_heads, heads, kv)
-        else:
+    def _resolve_kv_heads(self, src: Sizes, adapter: ArchAdapter, heads: int) -> int:
+        """The grown key/value head count: with grouped-query attention the given one (else kept, or
+        following ``heads`` for a model without grouping), dividing ``heads`` and regrouping the old
+        heads validly; without it, ``heads``."""
+        if not adapter.config_keys.get("kv_heads"):
             if self.num_kv_heads is not None and self.num_kv_heads != heads:
                 raise ProgtrainConfigError(
-                    f"{fam} has no grouped-query attention: num_kv_heads must equal num_heads ({heads}) "
+                    f"{adapter.name} has no grouped-query attention: num_kv_heads must equal num_heads ({heads}) "
                     f"or be left unset"
                 )
-            kv = heads
-
-        tgt = Sizes(hidden, heads, kv, head_dim, ffn, layers)
-        if tgt == src:
+            return heads
+        if self.num_kv_heads is None:
+            kv = heads if src.kv_heads == src.heads else src.kv_heads
+        else:
+            kv = _no_shrink("num_kv_heads", self.num_kv_heads, src.kv_heads)
+        if heads % kv:
             raise ProgtrainConfigError(
-                f"nothing to grow: every target size equals the model's; pass at least one larger size "
-                f"({', '.join(SIZE_FIELDS)})"
+                f"num_kv_heads={kv} does not divide num_heads={heads}: grouped-query attention "
+                f"needs num_heads % num_kv_heads == 0; choose num_kv_heads among the divisors of {heads}"
             )
-        self.source_list(src.layers, layers)  # validates the placement / layer sources
-        return tgt
+        _check_gqa_regroup(src.heads, src.kv_heads, heads, kv)
+        return kv
 
     def source_list(self, old: int, new: int) -> tuple[list[int | str], list[bool]]:
         """``(sources, is_new)`` for every layer of the grown ``new``-layer model: its source (a trained

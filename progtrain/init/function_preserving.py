@@ -1,4 +1,4 @@
-"""``function_preserving`` (default): constrained blocks keep the function (see DESIGN.md section 3);
+"""``function_preserving`` (default): constrained blocks keep the function (docs/design.md, section 1);
 free blocks get small Gaussian values so new units and heads can learn."""
 
 from __future__ import annotations

@@ -230,68 +230,21 @@ def gradinit_(
     Raises:
         ProgtrainConfigError: bad options or no batches, before any work.
     """
-    from tqdm.auto import tqdm
-
-    from ..bake import is_parametrized
-
     batches = check_batches(batches, "gradinit")
-    if iters < 0 or lr <= 0 or eta <= 0 or alpha < 0 or (gamma is not None and gamma <= 0):
-        raise ProgtrainConfigError(
-            f"gradinit: need iters >= 0, lr > 0, eta > 0, alpha >= 0, gamma > 0 (got iters={iters}, lr={lr}, "
-            f"eta={eta}, alpha={alpha}, gamma={gamma})"
-        )
-    if optimizer not in ALGORITHMS:
-        raise ProgtrainConfigError(f"gradinit: optimizer must be one of {ALGORITHMS}, got {optimizer!r}")
-    if is_parametrized(model):
-        raise ProgtrainConfigError("gradinit needs plain weights: bake the model first (progtrain.bake.bake_)")
+    _check_options(model, iters, lr, eta, alpha, gamma, optimizer)
     pairs = batch_pairs(batches)
     names = [n for n, _ in iter_params(model)] if names is None else list(names)
     obj = _Objective(model, names, optimizer, eta, loss_fn)
-    mlist = list(obj.scales.values())
     was = model.training
     model.eval()
-    n_con = n_obj = 0
-    history: list[float] = []
     try:
         with torch.enable_grad():
             before, g0, _ = obj.evaluate(pairs)
             gamma = g0 if gamma is None else float(gamma)
-            opt = torch.optim.Adam(mlist, lr=lr)
-
-            def step(loss: torch.Tensor) -> None:
-                grads = torch.autograd.grad(loss, mlist, allow_unused=True)
-                for m, g in zip(mlist, grads):
-                    m.grad = torch.zeros_like(m) if g is None else g
-                opt.step()
-                with torch.no_grad():
-                    for m in mlist:
-                        m.clamp_(min=alpha)
-
-            bar = tqdm(range(iters), desc="gradinit", disable=not (progress and _is_main_process()), leave=False)
-            for it in bar:
-                S, S2 = pairs[it % len(pairs)]
-                # Adam's sign step needs only the gradient's value; its norm's derivative (constraint
-                # steps) needs the graph of the gradient, rebuilt only when the bound is violated
-                sgd = optimizer == "sgd"
-                theta, grads, gnorm = obj.grad_and_norm(S, create_graph=sgd)
-                if float(gnorm.detach()) > gamma:
-                    if not sgd:
-                        _, _, gnorm = obj.grad_and_norm(S, create_graph=True)
-                    step(gnorm)
-                    n_con += 1
-                else:
-                    la = obj.lookahead(theta, grads, gnorm, S2)
-                    step(la / eta)
-                    history.append(float(la.detach()))
-                    n_obj += 1
-            after, gmax, worst = obj.evaluate(pairs)
-            for _ in range(iters // 10 + 10):  # end inside the constraint on every batch
-                if gmax <= gamma:
-                    break
-                _, _, gnorm = obj.grad_and_norm(pairs[worst][0], create_graph=True)
-                step(gnorm)
-                n_con += 1
-                after, gmax, worst = obj.evaluate(pairs)
+            step = _ScaleStep(list(obj.scales.values()), lr, alpha)
+            n_con, n_obj, history = _iterate(obj, pairs, step, iters, gamma, optimizer == "sgd", progress)
+            after, gmax, n_end = _end_within_bound(obj, pairs, step, gamma, iters // 10 + 10)
+            n_con += n_end
     finally:
         model.train(was)
     scales = {n: float(m.detach()) for n, m in obj.scales.items()}
@@ -304,6 +257,84 @@ def gradinit_(
         len(scales), before, after, min(scales.values(), default=1.0), max(scales.values(), default=1.0),
     )
     return GradInitResult(scales, before, after, gamma, gmax, n_con, n_obj, bake, history)
+
+
+def _check_options(model: nn.Module, iters: int, lr: float, eta: float, alpha: float, gamma: float | None,
+                   optimizer: str) -> None:
+    """:func:`gradinit_`'s options, before any work (raises ProgtrainConfigError)."""
+    from ..bake import is_parametrized
+
+    if iters < 0 or lr <= 0 or eta <= 0 or alpha < 0 or (gamma is not None and gamma <= 0):
+        raise ProgtrainConfigError(
+            f"gradinit: need iters >= 0, lr > 0, eta > 0, alpha >= 0, gamma > 0 (got iters={iters}, lr={lr}, "
+            f"eta={eta}, alpha={alpha}, gamma={gamma})"
+        )
+    if optimizer not in ALGORITHMS:
+        raise ProgtrainConfigError(f"gradinit: optimizer must be one of {ALGORITHMS}, got {optimizer!r}")
+    if is_parametrized(model):
+        raise ProgtrainConfigError("gradinit needs plain weights: bake the model first (progtrain.bake.bake_)")
+
+
+class _ScaleStep:
+    """One Adam step (learning rate ``lr``) on the scales ``mlist`` down a loss, then the scales
+    clamped to at least ``alpha``."""
+
+    def __init__(self, mlist: list[torch.Tensor], lr: float, alpha: float) -> None:
+        self.mlist, self.alpha = mlist, alpha
+        self.opt = torch.optim.Adam(mlist, lr=lr)
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        grads = torch.autograd.grad(loss, self.mlist, allow_unused=True)
+        for m, g in zip(self.mlist, grads):
+            m.grad = torch.zeros_like(m) if g is None else g
+        self.opt.step()
+        with torch.no_grad():
+            for m in self.mlist:
+                m.clamp_(min=self.alpha)
+
+
+def _iterate(obj: "_Objective", pairs: list, step: _ScaleStep, iters: int, gamma: float, sgd: bool,
+             progress: bool) -> tuple[int, int, list[float]]:
+    """GradInit's ``iters`` iterations, cycling over the batch pairs ``(S, S2)``: a step down the
+    gradient norm on ``S`` when it exceeds ``gamma`` (constraint step), else down the look-ahead
+    loss on ``S2`` (objective step). Returns ``(constraint steps, objective steps, look-ahead losses)``."""
+    from tqdm.auto import tqdm
+
+    n_con = n_obj = 0
+    history: list[float] = []
+    bar = tqdm(range(iters), desc="gradinit", disable=not (progress and _is_main_process()), leave=False)
+    for it in bar:
+        S, S2 = pairs[it % len(pairs)]
+        # Adam's sign step needs only the gradient's value; its norm's derivative (constraint
+        # steps) needs the graph of the gradient, rebuilt only when the bound is violated
+        theta, grads, gnorm = obj.grad_and_norm(S, create_graph=sgd)
+        if float(gnorm.detach()) > gamma:
+            if not sgd:
+                _, _, gnorm = obj.grad_and_norm(S, create_graph=True)
+            step(gnorm)
+            n_con += 1
+        else:
+            la = obj.lookahead(theta, grads, gnorm, S2)
+            step(la / obj.eta)
+            history.append(float(la.detach()))
+            n_obj += 1
+    return n_con, n_obj, history
+
+
+def _end_within_bound(obj: "_Objective", pairs: list, step: _ScaleStep, gamma: float,
+                      max_steps: int) -> tuple[float, float, int]:
+    """Constraint steps on the worst batch until the gradient norm is within ``gamma`` on every
+    batch (at most ``max_steps``) -> ``(look-ahead loss, largest norm, steps taken)``."""
+    after, gmax, worst = obj.evaluate(pairs)
+    n = 0
+    for _ in range(max_steps):
+        if gmax <= gamma:
+            break
+        _, _, gnorm = obj.grad_and_norm(pairs[worst][0], create_graph=True)
+        step(gnorm)
+        n += 1
+        after, gmax, worst = obj.evaluate(pairs)
+    return after, gmax, n
 
 
 @dataclass

@@ -87,7 +87,7 @@ from ..arch import get_adapter
 from ..arch.base import iter_params
 from ..errors import ProgtrainConfigError
 from ..growth.spec import GrowthSpec, plan_growth
-from ..train.config import StageConfig, _build
+from ..train.config import StageConfig, _build, read_run_yaml
 from ..train.surgery import MOMENT_KEYS, MOMENT_MODES, grow_moments
 
 logger = logging.getLogger(__name__)
@@ -109,15 +109,8 @@ def load_stages(path: str | os.PathLike) -> list[dict]:
     Raises:
         ProgtrainConfigError: the file is missing, is not YAML, or has no ``stages`` list.
     """
-    import yaml
-
     p = Path(path)
-    if not p.is_file():
-        raise ProgtrainConfigError(f"run config {p} does not exist: pass the path of a YAML file (see configs/)")
-    try:
-        d = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ProgtrainConfigError(f"cannot parse {p} as YAML: {str(e).splitlines()[0]}") from None
+    d = read_run_yaml(p)
     stages = d.get("stages") if isinstance(d, dict) else None
     if not isinstance(stages, list) or not stages:
         raise ProgtrainConfigError(f"{p} has no stages: list (the growth schedule); add one or pass stages= directly")

@@ -337,15 +337,25 @@ def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
     return d
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] | None = None, output_dir: str | None = None) -> RunConfig:
-    """Read a YAML run config, apply ``--set`` overrides and an output directory, and validate it."""
+def read_run_yaml(path: str | os.PathLike) -> Any:
+    """The parsed YAML of the run config file at ``path`` ({} for an empty file), not yet checked.
+
+    Raises:
+        ProgtrainConfigError: the file is missing or is not YAML.
+    """
     p = Path(path)
     if not p.is_file():
         raise ProgtrainConfigError(f"run config {p} does not exist: pass the path of a YAML file (see configs/)")
     try:
-        d = yaml.safe_load(p.read_text()) or {}
+        return yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ProgtrainConfigError(f"cannot parse {p} as YAML: {str(e).splitlines()[0]}") from None
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] | None = None, output_dir: str | None = None) -> RunConfig:
+    """Read a YAML run config, apply ``--set`` overrides and an output directory, and validate it."""
+    p = Path(path)
+    d = read_run_yaml(p)
     d = apply_overrides(d, overrides or [])
     if output_dir:
         d["output_dir"] = output_dir
@@ -361,20 +371,9 @@ def initial_hf_config(cfg: RunConfig) -> Any:
 
     m = cfg.model
     if m.checkpoint:
-        from ..io import check_safe_weights
+        from ..io import load_hf_config
 
-        check_safe_weights(m.checkpoint, m.task)
-        try:
-            return AutoConfig.from_pretrained(m.checkpoint)
-        except OSError as e:
-            raise ProgtrainConfigError(
-                f"model.checkpoint {m.checkpoint!r}: cannot load its config ({str(e).splitlines()[0]}); "
-                f"pass a local checkpoint directory"
-            ) from None
-        except config_errors() as e:
-            raise ProgtrainConfigError(
-                f"model.checkpoint {m.checkpoint!r}: its config is invalid ({config_error_text(e)}); fix its config.json"
-            ) from None
+        return load_hf_config(m.checkpoint, m.task, name="model.checkpoint")
     if not m.family:
         raise ProgtrainConfigError("model.family is required (e.g. gpt2, bert, llama) unless model.checkpoint is given")
     try:
@@ -409,33 +408,34 @@ def stage_plans(cfg: RunConfig, vocab_size: int | None = None) -> tuple[Any, lis
     return hf, plans
 
 
-def stage_sizes(cfg: RunConfig) -> list[Any]:
-    """The :class:`~progtrain.arch.base.Sizes` of every stage (stage 0 = the initial model), each
-    growth validated by :func:`stage_plans`."""
-    hf, plans = stage_plans(cfg)
-    return [plans[0].source_sizes if plans else get_adapter(hf).read_sizes(hf)] + [p.target_sizes for p in plans]
-
-
 def validate(cfg: RunConfig) -> None:
     """Check everything that can be checked before training; raise one ProgtrainConfigError naming
     the problem and its fix. Also resolves ``start_tokens`` into ``start_step`` and stage names."""
-    t, o, dcfg, m = cfg.train, cfg.optim, cfg.data, cfg.model
+    _validate_training(cfg)
+    _validate_data(cfg)
+    _validate_stages(cfg)
+    _validate_model(cfg)
 
-    def pos_int(where: str, v: Any, zero_ok: bool = False) -> None:
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1):
-            raise ProgtrainConfigError(f"{where} must be a {'non-negative' if zero_ok else 'positive'} integer, got {v!r}")
 
-    pos_int("train.max_steps", t.max_steps)
-    pos_int("train.batch_size", t.batch_size)
-    pos_int("train.grad_accum", t.grad_accum)
-    pos_int("train.eval_interval", t.eval_interval, zero_ok=True)
-    pos_int("train.eval_batches", t.eval_batches)
-    pos_int("train.checkpoint_interval", t.checkpoint_interval, zero_ok=True)
-    pos_int("train.log_interval", t.log_interval)
-    pos_int("train.max_bad_batches", t.max_bad_batches, zero_ok=True)
-    pos_int("optim.warmup_steps", o.warmup_steps, zero_ok=True)
-    pos_int("data.seq_len", dcfg.seq_len)
-    pos_int("seed", cfg.seed, zero_ok=True)
+def _pos_int(where: str, v: Any, zero_ok: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1):
+        raise ProgtrainConfigError(f"{where} must be a {'non-negative' if zero_ok else 'positive'} integer, got {v!r}")
+
+
+def _validate_training(cfg: RunConfig) -> None:
+    """The loop's and the optimizer's numbers and choices, and the task."""
+    t, o, m = cfg.train, cfg.optim, cfg.model
+    _pos_int("train.max_steps", t.max_steps)
+    _pos_int("train.batch_size", t.batch_size)
+    _pos_int("train.grad_accum", t.grad_accum)
+    _pos_int("train.eval_interval", t.eval_interval, zero_ok=True)
+    _pos_int("train.eval_batches", t.eval_batches)
+    _pos_int("train.checkpoint_interval", t.checkpoint_interval, zero_ok=True)
+    _pos_int("train.log_interval", t.log_interval)
+    _pos_int("train.max_bad_batches", t.max_bad_batches, zero_ok=True)
+    _pos_int("optim.warmup_steps", o.warmup_steps, zero_ok=True)
+    _pos_int("data.seq_len", cfg.data.seq_len)
+    _pos_int("seed", cfg.seed, zero_ok=True)
     if t.batch_size % t.grad_accum:
         raise ProgtrainConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}: the global batch "
@@ -449,18 +449,21 @@ def validate(cfg: RunConfig) -> None:
         raise ProgtrainConfigError(f"optim.lr must be a positive number, got {o.lr!r}")
     if not 0 <= o.min_lr_ratio <= 1:
         raise ProgtrainConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio!r}")
-    if not 0 <= dcfg.val_fraction < 0.5:
-        raise ProgtrainConfigError(f"data.val_fraction must be in [0, 0.5), got {dcfg.val_fraction!r}")
+    if not 0 <= cfg.data.val_fraction < 0.5:
+        raise ProgtrainConfigError(f"data.val_fraction must be in [0, 0.5), got {cfg.data.val_fraction!r}")
     if m.task not in ("causal_lm", "masked_lm"):
         raise ProgtrainConfigError(f"model.task={m.task!r}: use causal_lm or masked_lm")
 
-    # data paths
-    pos_int("data.tokenizer_sample_chars", dcfg.tokenizer_sample_chars)
-    pos_int("data.val_max_chars", dcfg.val_max_chars)
+
+def _validate_data(cfg: RunConfig) -> None:
+    """Data sizes and sources; local paths (data files, tokenizer, model checkpoint) exist."""
+    dcfg, m = cfg.data, cfg.model
+    _pos_int("data.tokenizer_sample_chars", dcfg.tokenizer_sample_chars)
+    _pos_int("data.val_max_chars", dcfg.val_max_chars)
     if dcfg.max_chars is not None:
-        pos_int("data.max_chars", dcfg.max_chars)
+        _pos_int("data.max_chars", dcfg.max_chars)
     if dcfg.num_proc is not None:
-        pos_int("data.num_proc", dcfg.num_proc)
+        _pos_int("data.num_proc", dcfg.num_proc)
     if not isinstance(dcfg.streaming, bool):
         raise ProgtrainConfigError(f"data.streaming must be true or false, got {dcfg.streaming!r}")
     if dcfg.files is not None:
@@ -479,17 +482,21 @@ def validate(cfg: RunConfig) -> None:
     if m.checkpoint and not Path(m.checkpoint).exists() and not _looks_like_hub_id(m.checkpoint):
         raise ProgtrainConfigError(f"model.checkpoint: {m.checkpoint} does not exist; fix the path")
 
-    # stages: start steps strictly increasing inside (0, max_steps)
+
+def _validate_stages(cfg: RunConfig) -> None:
+    """Stage names, start steps (``start_tokens`` resolved) strictly increasing inside
+    ``(0, max_steps)``, per-stage step counts, fade-ins that finish inside their stage."""
+    t = cfg.train
     prev = 0
     for i, st in enumerate(cfg.stages):
         st.name = st.name or f"stage{i + 1}"
         if (st.start_step is None) == (st.start_tokens is None):
             raise ProgtrainConfigError(f"stages[{i}] ({st.name}): give exactly one of start_step or start_tokens")
         if st.start_tokens is not None:
-            pos_int(f"stages[{i}].start_tokens", st.start_tokens)
+            _pos_int(f"stages[{i}].start_tokens", st.start_tokens)
             st.start_step = math.ceil(st.start_tokens / cfg.tokens_per_step)
             st.start_tokens = None
-        pos_int(f"stages[{i}].start_step", st.start_step)
+        _pos_int(f"stages[{i}].start_step", st.start_step)
         if st.start_step <= prev:
             raise ProgtrainConfigError(
                 f"stages[{i}] ({st.name}) starts at step {st.start_step}, not after the previous stage "
@@ -502,10 +509,10 @@ def validate(cfg: RunConfig) -> None:
                 f"start it earlier or raise train.max_steps"
             )
         prev = st.start_step
-        pos_int(f"stages[{i}].rewarm_steps", st.rewarm_steps, zero_ok=True)
-        pos_int(f"stages[{i}].born_warmup_steps", st.born_warmup_steps, zero_ok=True)
-        pos_int(f"stages[{i}].fade_in_steps", st.fade_in_steps, zero_ok=True)
-        pos_int(f"stages[{i}].mask_steps", st.mask_steps, zero_ok=True)
+        _pos_int(f"stages[{i}].rewarm_steps", st.rewarm_steps, zero_ok=True)
+        _pos_int(f"stages[{i}].born_warmup_steps", st.born_warmup_steps, zero_ok=True)
+        _pos_int(f"stages[{i}].fade_in_steps", st.fade_in_steps, zero_ok=True)
+        _pos_int(f"stages[{i}].mask_steps", st.mask_steps, zero_ok=True)
         if st.mask_steps and st.fade_in_steps:
             raise ProgtrainConfigError(
                 f"stages[{i}] ({st.name}): set mask_steps (masks new FFN units, heads and layers) or fade_in_steps "
@@ -531,17 +538,22 @@ def validate(cfg: RunConfig) -> None:
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
         raise ProgtrainConfigError(f"stage names must be unique, got {names}")
+
+
+def _validate_model(cfg: RunConfig) -> None:
+    """The initial model's family has a model for the task, and every growth is planned (sizes,
+    layer sources, strategy, grown config)."""
     hf = initial_hf_config(cfg)
     from ..io import model_class_for
 
     try:
-        model_class_for(hf, m.task)
+        model_class_for(hf, cfg.model.task)
     except KeyError:
         raise ProgtrainConfigError(
-            f"model family {hf.model_type!r} has no {m.task} model in transformers: use "
-            f"{'masked_lm' if m.task == 'causal_lm' else 'causal_lm'} or another family"
+            f"model family {hf.model_type!r} has no {cfg.model.task} model in transformers: use "
+            f"{'masked_lm' if cfg.model.task == 'causal_lm' else 'causal_lm'} or another family"
         ) from None
-    stage_plans(cfg)  # every growth planned: sizes, layer sources, strategy, grown config
+    stage_plans(cfg)
 
 
 def _looks_like_hub_id(s: str) -> bool:

@@ -11,8 +11,9 @@
   bounded sample of the training documents with ``tokenizers`` and saved with the prepared data.
 * Sample ``j`` of the run (``j = step * batch_size + i``) is block ``perm_e[j mod n]`` with
   ``perm_e`` a permutation seeded by ``(seed, epoch e = j // n)``; masked-LM masking of sample ``j``
-  draws from a generator seeded by ``(seed, j)``. So the order and masks depend only on the seed and
-  the position, never on the number of processes, and a run resumes at any step exactly. Under
+  (BERT's 80/10/10 rule, :func:`progtrain.mlm.mask_tokens`) draws from a generator seeded by
+  ``(seed, j)``. So the order and masks depend only on the seed and the position, never on the
+  number of processes, and a run resumes at any step exactly. Under
   several processes each rank's DataLoader asks only for its own slice of every global batch
   (accelerate's ``split_batches``), so each rank reads only its own blocks.
 """
@@ -28,6 +29,7 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import ProgtrainConfigError
+from ..mlm import mask_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +153,11 @@ class BlockStream(torch.utils.data.Dataset):
         self.data, self.blocks, self.start, self.length = data, blocks, start, length
         self.shuffle, self.salt = shuffle, salt
         self._perms: dict[int, torch.Tensor] = {}
-        self._collator = None
-        if data.task == "masked_lm":
-            from transformers import DataCollatorForLanguageModeling
-
-            self._collator = DataCollatorForLanguageModeling(data.tokenizer, mlm=True,
-                                                             mlm_probability=data.mlm_probability)
+        self._masked = data.task == "masked_lm"
+        if self._masked:
+            tok = data.tokenizer
+            self._mask_id, self._specials = tok.mask_token_id, list(tok.all_special_ids)
+            self._random_ids = torch.arange(len(tok))
 
     def __len__(self) -> int:
         return self.length
@@ -176,15 +177,12 @@ class BlockStream(torch.utils.data.Dataset):
             ids = self.blocks[int(self._perm(epoch)[r])]
         else:
             ids = self.blocks[j % len(self.blocks)]
-        if self._collator is None:
+        if not self._masked:
             return {"input_ids": ids.clone(), "labels": ids.clone()}
-        # the transformers MLM collator, with its generator seeded by the sample's position
-        self._collator.generator = torch.Generator().manual_seed(
-            (self.data.seed * 1_000_003 + j) * 2 + self.salt
-        )
-        b = self._collator([{"input_ids": ids.clone()}])
-        return {"input_ids": b["input_ids"][0], "labels": b["labels"][0],
-                "attention_mask": torch.ones_like(b["input_ids"][0])}
+        # BERT's 80/10/10 masking, with its generator seeded by the sample's position
+        g = torch.Generator().manual_seed((self.data.seed * 1_000_003 + j) * 2 + self.salt)
+        inp, labels = mask_tokens(ids, self.data.mlm_probability, g, self._mask_id, self._random_ids, self._specials)
+        return {"input_ids": inp, "labels": labels, "attention_mask": torch.ones_like(inp)}
 
 
 def prepare_data(cfg: Any, run_dir: str | os.PathLike | None = None) -> RunData:

@@ -45,7 +45,7 @@ from ..growth import grow
 from ..growth.calibration import fit_problems, input_limits
 from ..hub import push_to_hub
 from ..init import get_strategy
-from ..io import load_model, model_class_for, save_checkpoint
+from ..io import atomic_write_text, load_model, model_class_for, save_checkpoint
 from . import checkpoint as ckpt
 from .config import RunConfig, StageConfig, initial_hf_config
 from .data import RunData, prepare_data
@@ -406,9 +406,7 @@ class ProgressiveTrainer:
             info = {"world_size": self.world, "engine": self.engine.kind, "device": str(acc.device),
                     "mixed_precision": str(acc.mixed_precision), "micro_batch_per_process": self.micro,
                     "config": cfg.to_dict(), "config_file": cfg.source, "resumed_from": str(resumed) if resumed else None}
-            tmp = self.out / "run_info.json.tmp"
-            tmp.write_text(json.dumps(info, indent=1, default=str))
-            os.replace(tmp, self.out / "run_info.json")
+            atomic_write_text(self.out / "run_info.json", json.dumps(info, indent=1, default=str))
         if cfg.train.trackers:
             acc.init_trackers("progtrain", config={"max_steps": cfg.train.max_steps, "lr": cfg.optim.lr,
                                                    "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len})
@@ -588,9 +586,7 @@ class ProgressiveTrainer:
                             extra_files=extra, overwrite=True, carry_from=cfg.model.checkpoint)
             if (self.out / "loss_vs_flops.png").exists():
                 shutil.copyfile(self.out / "loss_vs_flops.png", self.out / "final" / "loss_vs_flops.png")
-            tmp = self.out / "README.md.tmp"
-            tmp.write_text(card)
-            os.replace(tmp, self.out / "README.md")
+            atomic_write_text(self.out / "README.md", card)
             print("\n" + format_stage_table(rows))
             print(f"\nfinal validation loss {final['val_loss']}, perplexity {final['perplexity']}; "
                   f"{state.tokens:,} tokens, {state.flops:.3e} FLOPs, {final['wall_s']} s; model in {self.out / 'final'}")

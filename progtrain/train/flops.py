@@ -23,6 +23,8 @@ from typing import Any
 
 from transformers import PretrainedConfig, PreTrainedModel
 
+from ..text import text_table
+
 LOOKUP_ROLES = frozenset({"embed", "pos_embed", "type_embed"})
 
 
@@ -55,11 +57,6 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
 
     s = get_adapter(model).read_sizes(model.config)
     return 6.0 * matmul_params(model) + 6.0 * s.layers * seq_len * s.heads * s.head_dim
-
-
-def step_flops(model: PreTrainedModel, tokens: int, seq_len: int) -> float:
-    """Training FLOPs of one optimizer step over ``tokens`` tokens (all micro-batches and processes)."""
-    return flops_per_token(model, seq_len) * tokens
 
 
 def meta_model(config: PretrainedConfig, task: str) -> PreTrainedModel:
@@ -153,18 +150,12 @@ def format_plan(rows: list[dict]) -> str:
                 str(r["steps"]), f"{r['tokens']:,}", f"{r['flops']:.3e}",
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines = []
-    for j, row in enumerate(table):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if j == 0 or j == len(table) - 2 - 1:
-            lines.append("  ".join("-" * w for w in widths))
+    lines = [text_table(table, rules_after=(0, len(table) - 3))]  # a rule above the two totals
     prog, fixed = rows[-2]["flops"], rows[-1]["flops"]
     lines.append(f"\nprogressive / final-size-only compute: {prog / fixed:.3f} ({100 * (1 - prog / fixed):.1f}% saved) "
                  f"for the same {rows[-2]['tokens']:,} tokens")
     return "\n".join(lines)
 
 
-__all__ = ["flops_per_token", "format_plan", "matmul_params", "meta_model", "plan", "stage_configs", "step_flops",
-           "total_params"]
+__all__ = ["flops_per_token", "format_plan", "matmul_params", "meta_model", "plan", "stage_configs", "total_params"]
 

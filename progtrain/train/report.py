@@ -10,6 +10,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..io import atomic_write, atomic_write_text, json_default
+from ..text import text_table
+
 logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("event", "step", "stage", "tokens", "flops", "wall_s", "train_loss", "val_loss", "lr")
@@ -33,15 +36,13 @@ class MetricsLog:
                 return m["step"] <= truncate_after_step
 
             kept = [l for l in self.path.read_text().splitlines() if l.strip() and keep(json.loads(l))]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(l + "\n" for l in kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(l + "\n" for l in kept))
 
     def write(self, **row: Any) -> dict:
         line = {k: row.pop(k, None) for k in METRIC_KEYS}
         line.update(row)
         with open(self.path, "a") as f:
-            f.write(json.dumps(line, default=_json_default) + "\n")
+            f.write(json.dumps(line, default=json_default) + "\n")
         return line
 
 
@@ -80,12 +81,10 @@ def plot_loss_vs_flops(metrics: Sequence[dict], out: str | os.PathLike) -> Path:
         ax.set_xscale("log")
     ax.legend()
     fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    try:
+        return atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def stage_rows(metrics: Sequence[dict], stage_info: Sequence[dict]) -> list[dict]:
@@ -121,13 +120,7 @@ def format_stage_table(rows: Sequence[dict]) -> str:
         table.append((str(r["stage"]), r["name"], str(s["hidden_size"]), str(s["num_heads"]), str(s["intermediate_size"]),
                       str(s["num_layers"]), f"{r['params']:,}", str(r["steps"]), f"{r['tokens']:,}", f"{r['flops']:.3e}",
                       r.get("init") or "-", "-" if vl is None else f"{vl:.4f}"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines = []
-    for j, row in enumerate(table):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(table)
 
 
 def model_card(config: Any, history: list[dict], stages: list[dict], final_metrics: dict, source: str,
@@ -151,9 +144,3 @@ def perplexity(loss: float | None) -> float | None:
     if loss is None or not math.isfinite(loss):
         return None
     return math.exp(min(loss, 50.0))
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)

@@ -253,70 +253,19 @@ def prepare(cfg: Any, run_dir: str | os.PathLike | None = None, overwrite: bool 
     Returns the directory. Raises ProgtrainConfigError for unreadable inputs, a missing text column,
     a corpus that gives no training block, or an existing non-empty directory without ``overwrite``.
     Peak memory: one reader batch plus one tokenizer batch per process, independent of the corpus size."""
-    import datasets
-    from tqdm.auto import tqdm
-
     from ..io import atomic_dir
-    from .data import get_tokenizer, load_tokenizer_from
 
     t0 = time.perf_counter()
     d, dcfg = prepared_dir(cfg, run_dir), cfg.data
     sources = config_sources(dcfg)
     spec = expected_spec(cfg, sources)
     with atomic_dir(d, overwrite=overwrite) as tmp:
-        if dcfg.tokenizer:
-            tok = get_tokenizer(dcfg, cfg.model.task, None)
-        else:
-            logger.info("training a byte-level BPE tokenizer (%d tokens) on up to %d characters of training documents",
-                        dcfg.vocab_size, dcfg.tokenizer_sample_chars)
-            tok = get_tokenizer(dcfg, cfg.model.task, _train_sample(dcfg, sources))
-        tok.save_pretrained(tmp / "tokenizer")
-        tok = load_tokenizer_from(str(tmp / "tokenizer"))  # the exact object a run will load
+        tok = _saved_tokenizer(cfg, sources, tmp / "tokenizer")
         dtype = token_dtype(len(tok))
         sep = separator_id(tok)
-
-        def encode(batch: dict) -> dict:
-            ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
-            return {"ids": [np.asarray(x + [sep] if (s and sep is not None) else x, dtype=dtype)
-                            for x, s in zip(ids, batch["sep"])]}
-
-        features = datasets.Features({"text": datasets.Value("string"), "sep": datasets.Value("bool"),
-                                      "val": datasets.Value("bool")})
         cache = tmp / ".cache"
-        fp = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        if dcfg.streaming:
-            gen_kwargs = {"data_cfg": dcfg, "sources": tuple(sources)}  # a list would be sharded into pieces
-            docs = datasets.IterableDataset.from_generator(_records, features=features, gen_kwargs=gen_kwargs)
-            tokens = docs.map(encode, batched=True, batch_size=256, remove_columns=["text"])
-            total = None
-        else:
-            gen_kwargs = {"data_cfg": dcfg, "sources": tuple(sources)}  # a list would be sharded into pieces
-            docs = datasets.Dataset.from_generator(_records, features=features, cache_dir=str(cache), fingerprint=fp,
-                                                   gen_kwargs=gen_kwargs)
-            n_chars = _arrow_chars(docs)
-            num_proc = dcfg.num_proc or _auto_num_proc(n_chars)
-            logger.info("tokenising %d documents (%d characters) in %d process(es)", len(docs), n_chars, num_proc)
-            tokens = docs.map(encode, batched=True, batch_size=256, remove_columns=["text"],
-                              num_proc=num_proc if num_proc > 1 else None, new_fingerprint=fp + "-tok",
-                              desc="tokenising")
-            total = len(docs)
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        writers = {"train": _ShardWriter(tmp, "train", dcfg.seq_len, dtype),
-                   "val": _ShardWriter(tmp, "val", dcfg.seq_len, dtype)}
-        bar = tqdm(total=total, desc="writing token shards", unit="doc", disable=None)
-        for tbl in tokens.with_format("arrow").iter(batch_size=1000):
-            val = tbl.column("val").to_numpy(zero_copy_only=False)
-            for split, mask in (("train", ~val), ("val", val)):
-                if mask.any():
-                    flat = pc.list_flatten(tbl.filter(pa.array(mask)).column("ids"))
-                    ids = np.concatenate([c.to_numpy(zero_copy_only=False) for c in flat.chunks]) if flat.num_chunks \
-                        else np.empty(0, dtype)
-                    writers[split].add(ids, int(mask.sum()))
-            bar.update(tbl.num_rows)
-        bar.close()
-        splits = {k: w.close() for k, w in writers.items()}
+        docs, tokens, total = _tokenised(dcfg, sources, tok, sep, dtype, spec, cache)
+        splits = _write_shards(tokens, total, tmp, dcfg.seq_len, dtype)
         del tokens, docs
         shutil.rmtree(cache, ignore_errors=True)
         if splits["train"]["blocks"] == 0:
@@ -333,6 +282,74 @@ def prepare(cfg: Any, run_dir: str | os.PathLike | None = None, overwrite: bool 
     logger.info("prepared %s: %d train / %d val blocks of %d tokens (%s) in %.1f s", d, splits["train"]["blocks"],
                 splits["val"]["blocks"], dcfg.seq_len, dtype.name, manifest["prepare_s"])
     return d
+
+
+def _saved_tokenizer(cfg: Any, sources: list, out: Path) -> Any:
+    """The run's tokenizer (``data.tokenizer``, else a byte-level BPE trained on a sample of the
+    training documents) saved to ``out`` and loaded back from there: the exact object a run loads."""
+    from .data import get_tokenizer, load_tokenizer_from
+
+    dcfg = cfg.data
+    if dcfg.tokenizer:
+        tok = get_tokenizer(dcfg, cfg.model.task, None)
+    else:
+        logger.info("training a byte-level BPE tokenizer (%d tokens) on up to %d characters of training documents",
+                    dcfg.vocab_size, dcfg.tokenizer_sample_chars)
+        tok = get_tokenizer(dcfg, cfg.model.task, _train_sample(dcfg, sources))
+    tok.save_pretrained(out)
+    return load_tokenizer_from(str(out))
+
+
+def _tokenised(dcfg: Any, sources: list, tok: Any, sep: int | None, dtype: np.dtype, spec: dict,
+               cache: Path) -> tuple[Any, Any, int | None]:
+    """The documents as a ``datasets`` dataset (iterable when streaming, else an Arrow cache in
+    ``cache``, tokenised in parallel) and their token ids (``sep`` appended where a document asks
+    for it) -> ``(docs, tokens, number of documents or None when streaming)``."""
+    import datasets
+
+    def encode(batch: dict) -> dict:
+        ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"ids": [np.asarray(x + [sep] if (s and sep is not None) else x, dtype=dtype)
+                        for x, s in zip(ids, batch["sep"])]}
+
+    features = datasets.Features({"text": datasets.Value("string"), "sep": datasets.Value("bool"),
+                                  "val": datasets.Value("bool")})
+    gen_kwargs = {"data_cfg": dcfg, "sources": tuple(sources)}  # a list would be sharded into pieces
+    if dcfg.streaming:
+        docs = datasets.IterableDataset.from_generator(_records, features=features, gen_kwargs=gen_kwargs)
+        return docs, docs.map(encode, batched=True, batch_size=256, remove_columns=["text"]), None
+    fp = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    docs = datasets.Dataset.from_generator(_records, features=features, cache_dir=str(cache), fingerprint=fp,
+                                           gen_kwargs=gen_kwargs)
+    n_chars = _arrow_chars(docs)
+    num_proc = dcfg.num_proc or _auto_num_proc(n_chars)
+    logger.info("tokenising %d documents (%d characters) in %d process(es)", len(docs), n_chars, num_proc)
+    tokens = docs.map(encode, batched=True, batch_size=256, remove_columns=["text"],
+                      num_proc=num_proc if num_proc > 1 else None, new_fingerprint=fp + "-tok",
+                      desc="tokenising")
+    return docs, tokens, len(docs)
+
+
+def _write_shards(tokens: Any, total: int | None, out: Path, seq_len: int, dtype: np.dtype) -> dict[str, dict]:
+    """Every document's ids appended to the train or val shards (by its ``val`` flag) in ``out``
+    -> each split's summary (``_ShardWriter.close``)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from tqdm.auto import tqdm
+
+    writers = {"train": _ShardWriter(out, "train", seq_len, dtype), "val": _ShardWriter(out, "val", seq_len, dtype)}
+    bar = tqdm(total=total, desc="writing token shards", unit="doc", disable=None)
+    for tbl in tokens.with_format("arrow").iter(batch_size=1000):
+        val = tbl.column("val").to_numpy(zero_copy_only=False)
+        for split, mask in (("train", ~val), ("val", val)):
+            if mask.any():
+                flat = pc.list_flatten(tbl.filter(pa.array(mask)).column("ids"))
+                ids = np.concatenate([c.to_numpy(zero_copy_only=False) for c in flat.chunks]) if flat.num_chunks \
+                    else np.empty(0, dtype)
+                writers[split].add(ids, int(mask.sum()))
+        bar.update(tbl.num_rows)
+    bar.close()
+    return {k: w.close() for k, w in writers.items()}
 
 
 def _arrow_chars(ds: Any) -> int:
