@@ -13,10 +13,15 @@ Example (see ``configs/gpt2_tiny_progressive.yaml``)::
     optim: {lr: 1.0e-3, warmup_steps: 30}
     train: {max_steps: 600, batch_size: 16}
     stages:
-      - {name: wide, start_step: 200, grow: {hidden_size: 128, num_heads: 8}}
+      - {name: wide, start: 0.3333, grow: {hidden_size: 128, num_heads: 8}}   # step 200 of 600
       - {name: deep, start_step: 400, grow: {num_layers: 4}}
 
-Overrides use dotted keys with list indices: ``--set train.max_steps=50 --set stages.0.start_step=20``.
+A stage starts at a fraction of the run (``start``), an optimizer step (``start_step``) or a token
+count (``start_tokens``); :func:`validate` resolves each to ``start_step``, so a fraction follows
+``--set train.max_steps=N``.
+
+Overrides use dotted keys with list indices: ``--set train.max_steps=50 --set stages.0.start=0.5``
+(setting one of a stage's start keys replaces the others).
 """
 
 from __future__ import annotations
@@ -133,7 +138,8 @@ class LrScalesConfig:
 
 @dataclass
 class StageConfig:
-    """One growth: at ``start_step`` (or ``start_tokens``, rounded up to whole steps) grow the model to
+    """One growth: at ``start_step`` (or ``start``, a fraction of ``train.max_steps`` rounded to the
+    nearest step, see :func:`fraction_to_step`; or ``start_tokens``, rounded up to whole steps) grow the model to
     ``grow`` (a :class:`~progtrain.growth.GrowthSpec`, written as a mapping of its fields: hidden_size,
     num_heads, num_kv_heads, intermediate_size, num_layers, layer_placement, layer_sources, depth_init,
     symmetry_noise) with init strategy ``init`` and its ``init_kwargs``.
@@ -151,6 +157,7 @@ class StageConfig:
 
     name: str = ""
     start_step: int | None = None
+    start: float | None = None
     start_tokens: int | None = None
     grow: GrowthSpec = field(default_factory=GrowthSpec)
     init: str = "function_preserving"
@@ -162,6 +169,10 @@ class StageConfig:
     lr_scales: LrScalesConfig | None = None
     calib_batches: int = 4
     fade_in_steps: int = 0
+
+
+#: the keys that say when a stage starts; exactly one per stage
+START_KEYS = ("start", "start_step", "start_tokens")
 
 
 @dataclass
@@ -321,6 +332,9 @@ def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
                     node = node[j]
             else:
                 if last:
+                    if p in START_KEYS and len(parts) == 3 and parts[0] == "stages":
+                        for k in START_KEYS:  # a new start replaces the stage's old one
+                            node.pop(k, None)
                     node[p] = value
                 else:
                     if node.get(p) is None:
@@ -477,8 +491,15 @@ def validate(cfg: RunConfig) -> None:
     prev = 0
     for i, st in enumerate(cfg.stages):
         st.name = st.name or f"stage{i + 1}"
-        if (st.start_step is None) == (st.start_tokens is None):
-            raise ProgtrainConfigError(f"stages[{i}] ({st.name}): give exactly one of start_step or start_tokens")
+        given = [k for k in START_KEYS if getattr(st, k) is not None]
+        if len(given) != 1:
+            raise ProgtrainConfigError(
+                f"stages[{i}] ({st.name}): give exactly one of start (a fraction of train.max_steps), start_step or "
+                f"start_tokens, got {', '.join(given) or 'none'}"
+            )
+        if st.start is not None:
+            st.start_step = fraction_to_step(st.start, t.max_steps, f"stages[{i}] ({st.name}).start")
+            st.start = None
         if st.start_tokens is not None:
             pos_int(f"stages[{i}].start_tokens", st.start_tokens)
             st.start_step = math.ceil(st.start_tokens / cfg.tokens_per_step)
@@ -524,6 +545,21 @@ def validate(cfg: RunConfig) -> None:
             f"{'masked_lm' if m.task == 'causal_lm' else 'causal_lm'} or another family"
         ) from None
     stage_plans(cfg)  # every growth planned: sizes, layer sources, strategy, grown config
+
+
+def fraction_to_step(fraction: Any, max_steps: int, where: str = "start") -> int:
+    """The optimizer step at ``fraction`` of a ``max_steps``-step run: ``floor(fraction * max_steps + 0.5)``
+    (nearest step, halves up; at least 1), so ``0.3333`` of 600 is step 200 and ``0.25`` of 10 is step 3.
+    Shared by :func:`validate` and :class:`progtrain.integrations.trainer.ProgressiveTrainer`.
+
+    Raises:
+        ProgtrainConfigError: ``fraction`` is not a number in (0, 1) (``where`` names it).
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ProgtrainConfigError(
+            f"{where} must be a fraction of the run in (0, 1) (e.g. 0.25 = a quarter of train.max_steps), got {fraction!r}"
+        )
+    return max(1, math.floor(fraction * max_steps + 0.5))
 
 
 def _looks_like_hub_id(s: str) -> bool:
