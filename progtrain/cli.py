@@ -19,8 +19,12 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from .errors import ProgtrainConfigError, ProgtrainError, config_error_text, config_errors
-from .growth import GrowthSpec, grow, plan_growth
-from .init import available_strategies, options_help
+from .growth.spec import GrowthSpec
+from .strategy_catalog import OPTIONS_HELP, STRATEGIES
+
+# Building the parser imports no torch, transformers or accelerate (``progtrain --help`` answers in well
+# under 2 s): ``GrowthSpec`` and the strategy catalog are light modules, and each command imports the
+# heavy stack in its function (``cmd_grow``, ``cmd_verify``, progtrain.train.commands, progtrain.hub).
 
 logger = logging.getLogger("progtrain")
 
@@ -90,6 +94,7 @@ def _table(rows: Sequence[Sequence[Any]]) -> str:
 
 # ---------------------------------------------------------------------- grow
 def cmd_grow(args: argparse.Namespace) -> int:
+    from .growth import grow, plan_growth
     from .io import load_model, load_tokenizer, read_growth_history, save_checkpoint
 
     spec = dataclass_from_args(GrowthSpec, args)
@@ -302,12 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("out", help="output directory (must not exist or be empty unless --overwrite)")
     add_dataclass_arguments(g, GrowthSpec)  # --hidden-size ... --symmetry-noise
     g.add_argument("--init", default="function_preserving", metavar="NAME",
-                   help=f"init strategy for new parameters: {', '.join(available_strategies())} (default: "
+                   help=f"init strategy for new parameters: {', '.join(STRATEGIES)} (default: "
                    "function_preserving; each is described below)")
     g.add_argument("--init-option", type=_kv, action="append", metavar="KEY=VALUE",
                    help="option of the init strategy (repeatable); the options of each strategy, their types and "
                    "defaults are listed below (also progtrain.init.describe_options(NAME))")
-    g.epilog = "init strategies and their options (--init NAME --init-option KEY=VALUE):\n" + options_help()
+    g.epilog = "init strategies and their options (--init NAME --init-option KEY=VALUE):\n" + OPTIONS_HELP
     g.add_argument("--task", choices=["causal_lm", "masked_lm", "base"], help="load SRC as this task (default: its config's architecture)")
     g.add_argument(
         "--data",

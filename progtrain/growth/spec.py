@@ -8,11 +8,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from ..arch.base import ArchAdapter, Sizes
 from ..errors import ProgtrainConfigError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # arch.base imports torch and transformers: imported where used, so the CLI's flags stay light
     from transformers import PretrainedConfig
+
+    from ..arch.base import ArchAdapter, Sizes
 
     from ..init.base import InitStrategy
 
@@ -236,6 +237,8 @@ class GrowthSpec:
                     f"or be left unset"
                 )
             kv = heads
+
+        from ..arch.base import Sizes
 
         tgt = Sizes(hidden, heads, kv, head_dim, ffn, layers)
         if tgt == src:
