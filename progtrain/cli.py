@@ -379,6 +379,22 @@ COMMAND_MODULES: list[str] = [
 ]
 
 
+def console_logging(verbose: bool = False) -> None:
+    """Logging for the command line, on stderr (stdout is for results): WARNING and above from every
+    library (INFO with ``verbose``), and progtrain's run messages (``progtrain.console``: resumed from,
+    growths, interruption) as plain lines."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    console = logging.getLogger("progtrain.console")
+    if not console.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        console.addHandler(handler)
+    console.setLevel(logging.INFO)
+    console.propagate = False
+
+
 def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, prog: str) -> int:
     """Run one command and map progtrain's errors to exit codes (the one place that does).
 
@@ -392,16 +408,15 @@ def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        hint = " (run the same command with --resume to continue from the last checkpoint)" if hasattr(args, "resume") else ""
+        print(f"{prog}: interrupted{hint}", file=sys.stderr)
         return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    console_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

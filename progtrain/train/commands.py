@@ -21,6 +21,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "--set stages.0.start_step=20 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the output dir")
     p.add_argument("--output-dir", help="output directory (default: output_dir in the config)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue even though the config's length, batch, LR schedule or stages differ "
+                        "from the run's (refused otherwise, because they change the run's path)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -30,7 +33,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .engine import train
 
     cfg = load_config(args.config, args.overrides, args.output_dir)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     return 0
 
 
@@ -38,7 +41,7 @@ def run_recipe(task: str, default_config: str, description: str, argv: list[str]
     """Entry point of the ``recipes/`` scripts: the same path as ``progtrain train``, checking that the
     config trains ``task`` (causal_lm | masked_lm). Returns the exit code (2 with one line on bad input,
     1 when training diverges; see :mod:`progtrain.errors`)."""
-    from ..cli import run_command
+    from ..cli import console_logging, run_command
     from .config import load_config
     from .engine import train
 
@@ -46,6 +49,7 @@ def run_recipe(task: str, default_config: str, description: str, argv: list[str]
     p.add_argument("--config", default=default_config, help=f"YAML run config (default: {default_config})")
     add_run_arguments(p)
     args = p.parse_args(argv)
+    console_logging()
 
     def recipe(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides, args.output_dir)
@@ -54,7 +58,7 @@ def run_recipe(task: str, default_config: str, description: str, argv: list[str]
                 f"{args.config} trains model.task={cfg.model.task}, this recipe trains {task}: use the other recipe "
                 f"or `progtrain train {args.config}`"
             )
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
         return 0
 
     return run_command(recipe, args, p.prog)

@@ -218,6 +218,23 @@ class RunConfig:
                 idx = i
         return idx
 
+    def schedule(self) -> dict:
+        """What fixes a run's path, as flat ``{"train.max_steps": 600, "stages.0.start_step": 200, ...}``:
+        the length, batch, sequence length, optimizer and LR schedule, and every stage (resolved start
+        step, growth, init and options). A checkpoint records it; ``--resume`` refuses a change
+        (:func:`schedule_changes`) unless asked to allow it."""
+        t, o = self.train, self.optim
+        d = {"train.max_steps": t.max_steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+             "data.seq_len": self.data.seq_len, "seed": self.seed}
+        d.update({f"optim.{k}": list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(o).items()})
+        for i, st in enumerate(self.stages):
+            sd = dataclasses.asdict(st)
+            sd.pop("start", None), sd.pop("start_tokens", None)  # resolved into start_step
+            for k, v in sd.items():
+                d[f"stages.{i}.{k}"] = list(v) if isinstance(v, tuple) else v
+        d["stages"] = len(self.stages)
+        return json_roundtrip(d)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("source", None)
@@ -545,6 +562,20 @@ def validate(cfg: RunConfig) -> None:
             f"{'masked_lm' if m.task == 'causal_lm' else 'causal_lm'} or another family"
         ) from None
     stage_plans(cfg)  # every growth planned: sizes, layer sources, strategy, grown config
+
+
+def json_roundtrip(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists, keys strings), for comparisons with
+    values stored in JSON files."""
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
+def schedule_changes(old: dict, new: dict) -> list[str]:
+    """``"key old -> new"`` for each entry of two :meth:`RunConfig.schedule` dicts that differs."""
+    keys = list(dict.fromkeys(list(old) + list(new)))
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 def fraction_to_step(fraction: Any, max_steps: int, where: str = "start") -> int:
