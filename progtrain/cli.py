@@ -1,4 +1,4 @@
-"""``progtrain`` command line: grow | verify | train | plan | push.
+"""``progtrain`` command line: grow | verify | train | eval | plan | push | data.
 
 Bad input exits with code 2 and one line on stderr; ``verify`` exits 1 when outputs differ by more
 than the tolerance.
@@ -94,6 +94,14 @@ def _table(rows: Sequence[Sequence[Any]]) -> str:
 
 # ---------------------------------------------------------------------- grow
 def cmd_grow(args: argparse.Namespace) -> int:
+    from .quiet import deepspeed_probe_off, transformers_bars_off
+
+    deepspeed_probe_off()
+    with transformers_bars_off():
+        return _grow(args)
+
+
+def _grow(args: argparse.Namespace) -> int:
     from .growth import grow, plan_growth
     from .io import load_model, load_tokenizer, read_growth_history, save_checkpoint
 
@@ -210,6 +218,14 @@ def _growth_status(dev: dict, exact: bool | None, notes: Sequence[str]) -> str:
 
 # ---------------------------------------------------------------------- verify
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .quiet import deepspeed_probe_off, transformers_bars_off
+
+    deepspeed_probe_off()
+    with transformers_bars_off():
+        return _verify(args)
+
+
+def _verify(args: argparse.Namespace) -> int:
     from .growth.calibration import fit_problems, input_limits
     from .io import load_model, load_tokenizer, read_growth_history
     from .verify import measure_deviation
@@ -373,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 # sets ``func`` (a callable taking the parsed args and returning an exit code). A ProgtrainError raised
 # from ``func`` gives the one-line message and its exit code (:func:`run_command`).
 COMMAND_MODULES: list[str] = [
-    "progtrain.train.commands",  # train, plan
+    "progtrain.train.commands",  # train, eval, plan
     "progtrain.hub",  # push
     "progtrain.train.data_commands",  # data prepare
 ]
@@ -391,6 +407,7 @@ def console_logging(verbose: bool = False) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         console.addHandler(handler)
+    console.handlers[0].setStream(sys.stderr)  # the stderr of this command (tests redirect it)
     console.setLevel(logging.INFO)
     console.propagate = False
 

@@ -111,7 +111,10 @@ class TrainConfig:
     ``batch_size / grad_accum`` sequences. Intervals are in optimizer steps. ``mixed_precision``:
     auto (bf16 on a GPU that supports it, fp32 on CPU) | no | fp16 | bf16. ``max_bad_batches``:
     how many non-finite losses to skip before stopping. ``trackers``: accelerate trackers (e.g.
-    ``tensorboard``)."""
+    ``tensorboard``; a tracker whose package is missing stops the run before training, naming the
+    ``pip install``). ``gradient_checkpointing``: recompute activations in the backward pass
+    (transformers' ``activation_checkpointing_enable``, non-reentrant; applied again after each growth):
+    less memory for about a third more compute per step."""
 
     max_steps: int = 1000
     batch_size: int = 16
@@ -125,6 +128,7 @@ class TrainConfig:
     max_bad_batches: int = 0
     deepspeed_config: Any = None
     trackers: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -169,6 +173,45 @@ class StageConfig:
     lr_scales: LrScalesConfig | None = None
     calib_batches: int = 4
     fade_in_steps: int = 0
+
+
+#: accelerate's tracker names -> (module that must be importable, the pip install that provides it)
+TRACKER_PACKAGES = {
+    "tensorboard": (("tensorboard", "tensorboardX"), 'pip install "progtrain[tensorboard]"'),
+    "wandb": (("wandb",), "pip install wandb"),
+    "comet_ml": (("comet_ml",), "pip install comet_ml"),
+    "aim": (("aim",), "pip install aim"),
+    "mlflow": (("mlflow",), "pip install mlflow"),
+    "clearml": (("clearml",), "pip install clearml"),
+    "dvclive": (("dvclive",), "pip install dvclive"),
+    "swanlab": (("swanlab",), "pip install swanlab"),
+    "trackio": (("trackio",), "pip install trackio"),
+}
+
+
+def check_trackers(trackers: Any) -> None:
+    """Every tracker of ``train.trackers`` is known to accelerate and its package is installed (checked
+    when training starts, not by :func:`validate`: ``progtrain plan`` needs no tracker).
+
+    Raises:
+        ProgtrainConfigError: an unknown name (lists the known ones) or a missing package (names the
+            ``pip install`` that provides it), before any training.
+    """
+    import importlib.util
+
+    if not isinstance(trackers, (list, tuple)):
+        raise ProgtrainConfigError(f"train.trackers must be a list like [tensorboard], got {trackers!r}")
+    for name in trackers:
+        if name not in TRACKER_PACKAGES:
+            raise ProgtrainConfigError(
+                f"train.trackers: unknown tracker {name!r}; use any of {', '.join(TRACKER_PACKAGES)}"
+            )
+        modules, install = TRACKER_PACKAGES[name]
+        if not any(importlib.util.find_spec(m) is not None for m in modules):
+            raise ProgtrainConfigError(
+                f"train.trackers: {name} is requested but its package is not installed: run `{install}`, or remove "
+                f"{name} from train.trackers"
+            )
 
 
 #: the keys that say when a stage starts; exactly one per stage
@@ -422,6 +465,10 @@ def stage_plans(cfg: RunConfig, vocab_size: int | None = None) -> tuple[Any, lis
     hf = initial_hf_config(cfg)
     if vocab_size is not None and not cfg.model.checkpoint:
         hf.vocab_size = int(vocab_size)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the family's defaults (GPT-2: 50256)
+            tid = getattr(hf, key, None)
+            if isinstance(tid, int) and tid >= hf.vocab_size:
+                setattr(hf, key, None)
     get_adapter(hf)  # an unsupported family is refused even without stages
     plans, cur = [], hf
     for i, st in enumerate(cfg.stages):
@@ -466,6 +513,10 @@ def validate(cfg: RunConfig) -> None:
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}: the global batch "
             f"is split into grad_accum equal micro-batches; choose a batch size that is a multiple of grad_accum"
         )
+    if not isinstance(t.trackers, (list, tuple)):
+        raise ProgtrainConfigError(f"train.trackers must be a list like [tensorboard], got {t.trackers!r}")
+    if not isinstance(t.gradient_checkpointing, bool):
+        raise ProgtrainConfigError(f"train.gradient_checkpointing must be true or false, got {t.gradient_checkpointing!r}")
     if t.mixed_precision not in ("auto", "no", "fp16", "bf16"):
         raise ProgtrainConfigError(f"train.mixed_precision={t.mixed_precision!r}: use auto, no, fp16 or bf16")
     if o.schedule not in ("cosine", "linear", "constant"):
