@@ -395,6 +395,19 @@ COMMAND_MODULES: list[str] = [
 ]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is emitted (commands also run in-process, with
+    stderr redirected)."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def console_logging(verbose: bool = False) -> None:
     """Logging for the command line, on stderr (stdout is for results): WARNING and above from every
     library (INFO with ``verbose``), and progtrain's run messages (``progtrain.console``: resumed from,
@@ -403,11 +416,10 @@ def console_logging(verbose: bool = False) -> None:
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     console = logging.getLogger("progtrain.console")
-    if not console.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in console.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         console.addHandler(handler)
-    console.handlers[0].setStream(sys.stderr)  # the stderr of this command (tests redirect it)
     console.setLevel(logging.INFO)
     console.propagate = False
 

@@ -152,14 +152,14 @@ def normalise(cmd: str, out_dir: str) -> list[str]:
     if "out_dir" in words:
         words[words.index("out_dir")] = out_dir
     trains = words[:2] == ["progtrain", "train"] or (words[0] == "python" and words[1].startswith("recipes/"))
-    prepares = words[:3] == ["progtrain", "data", "prepare"]
+    prepares = words[:3] == ["progtrain", "data", "prepare"] or words[:2] == ["progtrain", "eval"]
     if (trains or prepares) and "--help" not in words:
         config = next((w for w in words if w.startswith("configs/")), None) or (
             "configs/bert_tiny_progressive.yaml" if "pretrain_bert" in words[1] else TINY_CONFIG)
         sets = list(TINY)
         if "bert" in config:
             sets.append("stages.1.fade_in_steps=1")  # 50 fade-in steps do not fit in a 6-step run
-        if "--output-dir" not in words:
+        if "--output-dir" not in words and words[:2] != ["progtrain", "eval"]:  # eval reads the run it names
             words += ["--output-dir", out_dir]
         for s in sets:
             words += ["--set", s]
@@ -238,6 +238,10 @@ def test_documented_command(where, cmd, workdir, monkeypatch):
     argv = normalise(cmd, out_dir)
     if argv[:2] == ["progtrain", "verify"] and not Path(argv[3]).exists():
         assert run_in_process(["progtrain", "grow", argv[2], argv[3], "--hidden-size", "64", "--overwrite"])[0] == 0
+    if argv[:2] == ["progtrain", "eval"] and not Path(argv[2]).exists():  # evaluates a run's output: train it
+        config = argv[argv.index("--config") + 1]
+        code, err = run_in_process(normalise(f"progtrain train {config}", str(Path(argv[2]).parent)))
+        assert code == 0, err
     if argv[:2] == ["progtrain", "grow"]:
         argv.append("--overwrite")  # the README's grow examples reuse ./big
     code, err = run_in_process(argv)
