@@ -2,13 +2,29 @@
 
 Grow a model's width, attention heads, FFN and depth during pretraining, function-preserving, and
 save the result as a standard Hugging Face checkpoint.
+
+The names below are imported on first use (PEP 562 ``__getattr__``): ``import progtrain`` and the
+command line's ``--help`` do not import torch or transformers.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import ProgtrainConfigError, UnsupportedArchitectureError
-from .growth import GrowthResult, GrowthSpec, grow
-from .init import available_strategies, get_strategy, register_strategy
+
+if TYPE_CHECKING:
+    from .growth import GrowthResult, GrowthSpec, grow
+    from .init import available_strategies, get_strategy, register_strategy
 
 __version__ = "0.1.0"
+
+#: public name -> the module that defines it, imported when the name is first used
+_LAZY = {
+    "GrowthResult": ".growth", "GrowthSpec": ".growth", "grow": ".growth",
+    "available_strategies": ".init", "get_strategy": ".init", "register_strategy": ".init",
+}
 
 __all__ = [
     "GrowthResult",
@@ -21,3 +37,15 @@ __all__ = [
     "register_strategy",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

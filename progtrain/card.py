@@ -111,7 +111,8 @@ def render_model_card(
             num_heads, num_kv_heads, intermediate_size}, "params", "steps", "tokens", "flops", "init",
             "val_loss"}``; when None the table is built from ``growth_history`` (stage 0 = the source
             of the first growth, stage i = the target of growth i; steps/tokens/FLOPs/loss are taken
-            from a record when it has them, else shown as "-").
+            from a record when it has them, else shown as "-"). Given: the card says the model was trained
+            progressively; None: that it was grown and not trained since its last growth.
         final_metrics: metric name -> value of the final model (shown in a table).
         base_model: Hub id of the checkpoint this model was grown from (front matter ``base_model``;
             a local path is mentioned in the text only, because the Hub accepts only repo ids there).
@@ -134,11 +135,19 @@ def render_model_card(
     title = model_name or (f"progressively grown {model_type}" if model_type else "progressively grown model")
     rows = stages if stages is not None else _rows_from_history(growth_history)
     md: list[str] = [f"# {title}", ""]
-    md.append(
-        "This model was trained progressively with progtrain: "
-        "it was grown during (pre)training, each growth function-preserving where the architecture allows, "
-        "and saved as a standard `transformers` checkpoint (safetensors)."
-    )
+    if stages is not None:  # a training run's card: its stage rows say what was trained
+        md.append(
+            "This model was trained progressively with progtrain: "
+            "it was grown during (pre)training, each growth function-preserving where the architecture allows, "
+            "and saved as a standard `transformers` checkpoint (safetensors)."
+        )
+    else:  # `progtrain grow` / push of a grown checkpoint: no training after the last growth
+        md.append(
+            "This model was grown with progtrain from a smaller checkpoint and has not been trained since its "
+            "last growth: the new parameters hold their initial values (function-preserving where the "
+            "architecture allows, see the deviation below). It is saved as a standard `transformers` checkpoint "
+            "(safetensors); train it before use."
+        )
     md.append("")
     md += _summary(config, base_model, hub_base, datasets, hub_datasets)
     md += ["## Growth history", "", _history_table(rows), ""]

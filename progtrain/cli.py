@@ -1,4 +1,4 @@
-"""``progtrain`` command line: grow | verify | train | plan | push.
+"""``progtrain`` command line: grow | verify | train | eval | plan | push | data.
 
 Bad input exits with code 2 and one line on stderr; ``verify`` exits 1 when outputs differ by more
 than the tolerance.
@@ -19,9 +19,13 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from .errors import ProgtrainConfigError, ProgtrainError
-from .growth import GrowthSpec, grow, plan_growth
-from .init import available_strategies, options_help
+from .growth.spec import GrowthSpec
+from .strategy_catalog import OPTIONS_HELP, STRATEGIES
 from .text import text_table
+
+# Building the parser imports no torch, transformers or accelerate (``progtrain --help`` answers in well
+# under 2 s): ``GrowthSpec``, the strategy catalog and the table helper are light modules, and each command
+# imports the heavy stack in its function (``cmd_grow``, ``cmd_verify``, progtrain.train.commands, progtrain.hub).
 
 logger = logging.getLogger("progtrain")
 
@@ -81,6 +85,15 @@ def _kv(value: str) -> tuple[str, Any]:
 
 # ---------------------------------------------------------------------- grow
 def cmd_grow(args: argparse.Namespace) -> int:
+    from .quiet import deepspeed_probe_off, transformers_bars_off
+
+    deepspeed_probe_off()
+    with transformers_bars_off():
+        return _grow(args)
+
+
+def _grow(args: argparse.Namespace) -> int:
+    from .growth import grow, plan_growth
     from .io import check_output_dir, load_hf_config, load_model, load_tokenizer, read_growth_history, save_checkpoint
 
     spec = dataclass_from_args(GrowthSpec, args)
@@ -185,6 +198,14 @@ def _growth_status(dev: dict, exact: bool | None, notes: Sequence[str]) -> str:
 
 # ---------------------------------------------------------------------- verify
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .quiet import deepspeed_probe_off, transformers_bars_off
+
+    deepspeed_probe_off()
+    with transformers_bars_off():
+        return _verify(args)
+
+
+def _verify(args: argparse.Namespace) -> int:
     from .growth.calibration import fit_problems, input_limits
     from .io import load_model, load_tokenizer, read_growth_history
     from .verify import measure_deviation
@@ -282,12 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("out", help="output directory (must not exist or be empty unless --overwrite)")
     add_dataclass_arguments(g, GrowthSpec)  # --hidden-size ... --symmetry-noise
     g.add_argument("--init", default="function_preserving", metavar="NAME",
-                   help=f"init strategy for new parameters: {', '.join(available_strategies())} (default: "
+                   help=f"init strategy for new parameters: {', '.join(STRATEGIES)} (default: "
                    "function_preserving; each is described below)")
     g.add_argument("--init-option", type=_kv, action="append", metavar="KEY=VALUE",
                    help="option of the init strategy (repeatable); the options of each strategy, their types and "
                    "defaults are listed below (also progtrain.init.describe_options(NAME))")
-    g.epilog = "init strategies and their options (--init NAME --init-option KEY=VALUE):\n" + options_help()
+    g.epilog = "init strategies and their options (--init NAME --init-option KEY=VALUE):\n" + OPTIONS_HELP
     g.add_argument("--task", choices=["causal_lm", "masked_lm", "base"], help="load SRC as this task (default: its config's architecture)")
     g.add_argument(
         "--data",
@@ -348,10 +369,39 @@ def build_parser() -> argparse.ArgumentParser:
 # sets ``func`` (a callable taking the parsed args and returning an exit code). A ProgtrainError raised
 # from ``func`` gives the one-line message and its exit code (:func:`run_command`).
 COMMAND_MODULES: list[str] = [
-    "progtrain.train.commands",  # train, plan
+    "progtrain.train.commands",  # train, eval, plan
     "progtrain.hub",  # push
     "progtrain.train.data_commands",  # data prepare
 ]
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is emitted (commands also run in-process, with
+    stderr redirected)."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def console_logging(verbose: bool = False) -> None:
+    """Logging for the command line, on stderr (stdout is for results): WARNING and above from every
+    library (INFO with ``verbose``), and progtrain's run messages (``progtrain.console``: resumed from,
+    growths, interruption) as plain lines."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    console = logging.getLogger("progtrain.console")
+    if not any(isinstance(h, _StderrHandler) for h in console.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        console.addHandler(handler)
+    console.setLevel(logging.INFO)
+    console.propagate = False
 
 
 def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, prog: str) -> int:
@@ -367,16 +417,15 @@ def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        hint = " (run the same command with --resume to continue from the last checkpoint)" if hasattr(args, "resume") else ""
+        print(f"{prog}: interrupted{hint}", file=sys.stderr)
         return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    console_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -8,11 +8,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from ..arch.base import ArchAdapter, Sizes
 from ..errors import ProgtrainConfigError, UnsupportedArchitectureError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # arch.base imports torch and transformers: imported where used, so the CLI's flags stay light
     from transformers import PretrainedConfig
+
+    from ..arch.base import ArchAdapter, Sizes
 
     from ..init.base import InitStrategy
 
@@ -158,6 +159,8 @@ class GrowthSpec:
         layers = self._resolve_layers(src)
         heads, head_dim = self._resolve_heads(src, adapter, hidden)
         kv = self._resolve_kv_heads(src, adapter, heads)
+        from ..arch.base import Sizes  # torch-importing module, kept off the CLI's start-up
+
         tgt = Sizes(hidden, heads, kv, head_dim, ffn, layers)
         if tgt == src:
             raise ProgtrainConfigError(

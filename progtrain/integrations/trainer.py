@@ -38,7 +38,8 @@ gradients are zero there) :meth:`ProgressiveTrainer.training_step` grows the mod
 ``fade_in_steps`` (MSG-style fade-in of new blocks, :mod:`progtrain.train.masks`), ``moments``
 (:func:`~progtrain.train.surgery.grow_moments`) and
 ``calib_batches`` (batches of the training set handed to data-driven init strategies) are honoured;
-a stage starts at ``start_step`` or at ``start`` (a fraction of ``TrainingArguments.max_steps``).
+a stage starts at ``start_step`` or at ``start`` (a fraction of ``TrainingArguments.max_steps``, rounded to the
+nearest step as in ``progtrain train``: :func:`progtrain.train.config.fraction_to_step`).
 ``lr_scales``, ``born_warmup_steps``, ``match_dynamics`` (per-element update scales that would have to
 survive ``Trainer``'s checkpoints), ``mask_steps`` and ``start_tokens`` are refused with an error naming the option.
 
@@ -87,7 +88,7 @@ from ..arch import get_adapter
 from ..arch.base import iter_params
 from ..errors import ProgtrainConfigError
 from ..growth.spec import GrowthSpec, plan_growth
-from ..train.config import StageConfig, _build, read_run_yaml
+from ..train.config import StageConfig, _build, fraction_to_step, read_run_yaml
 from ..train.surgery import MOMENT_KEYS, MOMENT_MODES, grow_moments
 
 logger = logging.getLogger(__name__)
@@ -149,14 +150,14 @@ def _parse_stage(i: int, entry: Any, max_steps: int) -> StageConfig:
     if len(given) != 1:
         raise ProgtrainConfigError(f"stages[{i}] ({name}): give exactly one of start_step or start (a fraction of the run)")
     if frac is not None:
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
-            raise ProgtrainConfigError(f"stages[{i}] ({name}).start must be a fraction of the run in (0, 1), got {frac!r}")
+        fraction_to_step(frac, 1, f"stages[{i}] ({name}).start")  # refuses a non-fraction before max_steps is asked
         if max_steps <= 0:
             raise ProgtrainConfigError(
                 f"stages[{i}] ({name}).start={frac} is a fraction of the run: set TrainingArguments.max_steps, or give "
                 f"start_step"
             )
-        st.start_step = max(1, math.ceil(frac * max_steps))
+        st.start_step = fraction_to_step(frac, max_steps, f"stages[{i}] ({name}).start")
+        st.start = None
     if isinstance(st.start_step, bool) or not isinstance(st.start_step, int) or st.start_step < 1:
         raise ProgtrainConfigError(f"stages[{i}] ({name}).start_step must be a positive integer, got {st.start_step!r}")
     for key in ("rewarm_steps", "fade_in_steps", "calib_batches"):

@@ -1,4 +1,4 @@
-"""``progtrain train CONFIG`` and ``progtrain plan CONFIG`` (registered into the CLI by
+"""``progtrain train CONFIG``, ``progtrain eval CHECKPOINT --config CONFIG`` and ``progtrain plan CONFIG`` (registered into the CLI by
 ``progtrain.cli``).
 
 The command functions import the training stack (torch, transformers, accelerate) when they run, not
@@ -21,6 +21,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "--set stages.0.start_step=20 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the output dir")
     p.add_argument("--output-dir", help="output directory (default: output_dir in the config)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue even though the config's length, batch, LR schedule or stages differ "
+                        "from the run's (refused otherwise, because they change the run's path)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -30,7 +33,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .engine import train
 
     cfg = load_config(args.config, args.overrides, args.output_dir)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     return 0
 
 
@@ -38,7 +41,7 @@ def run_recipe(task: str, default_config: str, description: str, argv: list[str]
     """Entry point of the ``recipes/`` scripts: the same path as ``progtrain train``, checking that the
     config trains ``task`` (causal_lm | masked_lm). Returns the exit code (2 with one line on bad input,
     1 when training diverges; see :mod:`progtrain.errors`)."""
-    from ..cli import run_command
+    from ..cli import console_logging, run_command
     from .config import load_config
     from .engine import train
 
@@ -46,6 +49,7 @@ def run_recipe(task: str, default_config: str, description: str, argv: list[str]
     p.add_argument("--config", default=default_config, help=f"YAML run config (default: {default_config})")
     add_run_arguments(p)
     args = p.parse_args(argv)
+    console_logging()
 
     def recipe(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides, args.output_dir)
@@ -54,10 +58,66 @@ def run_recipe(task: str, default_config: str, description: str, argv: list[str]
                 f"{args.config} trains model.task={cfg.model.task}, this recipe trains {task}: use the other recipe "
                 f"or `progtrain train {args.config}`"
             )
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
         return 0
 
     return run_command(recipe, args, p.prog)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Validation loss (nats per predicted token) and perplexity of a checkpoint on the held-out split
+    of a run config's data (the split the run evaluates on; prepared now when missing). Prints one
+    line on stdout (and JSON with ``--json``)."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from ..growth.calibration import fit_problems, input_limits
+    from ..io import load_model
+    from .config import load_config
+    from .data import prepare_data
+    from ..quiet import transformers_bars_off
+    from .engine import evaluate, name_causal_loss
+    from .report import perplexity
+
+    cfg = load_config(args.config, args.overrides, args.output_dir)
+    ckpt = Path(args.checkpoint)
+    if (ckpt / "model" / "config.json").is_file():  # a training checkpoint (OUTPUT/checkpoints/step-N)
+        ckpt = ckpt / "model"
+    if not (ckpt / "config.json").is_file():
+        raise ProgtrainConfigError(
+            f"{args.checkpoint} is not a checkpoint directory (no config.json): pass OUTPUT/final or "
+            f"OUTPUT/checkpoints/step-N of a run"
+        )
+    batches = cfg.train.eval_batches if args.batches is None else args.batches
+    if batches < 1:
+        raise ProgtrainConfigError(f"--batches must be at least 1, got {batches}")
+    data = prepare_data(cfg, cfg.output_dir)
+    with transformers_bars_off():
+        model = load_model(str(ckpt), task=cfg.model.task, dtype="float32")
+    masked = cfg.model.task == "masked_lm"
+    if not masked:
+        name_causal_loss(model)
+    problems = fit_problems(input_limits(model), cfg.data.seq_len, data.tokenizer, masked=masked)
+    if problems:
+        raise ProgtrainConfigError(
+            f"{args.checkpoint} does not fit the data of {args.config}: {'; '.join(problems)}; pass the config the "
+            f"checkpoint was trained with"
+        )
+    bs = cfg.train.batch_size // cfg.train.grad_accum
+    val = data.val_set(batches * bs)
+    if len(val) == 0:
+        raise ProgtrainConfigError(f"the held-out split of {args.config} is empty: raise data.val_fraction")
+    loader = torch.utils.data.DataLoader(val, batch_size=bs, shuffle=False)
+    loss = evaluate(model, loader, causal=not masked)
+    ppl = perplexity(loss)
+    print(f"{args.checkpoint}: validation loss {loss:.4f} nats/token, perplexity {ppl:.3f} "
+          f"({len(val)} held-out sequences of {cfg.data.seq_len} tokens, {data.source})")
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "val_loss": loss, "perplexity": ppl,
+                          "sequences": len(val), "seq_len": cfg.data.seq_len}))
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -72,7 +132,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``train`` and ``plan`` sub-commands."""
+    """Add the ``train``, ``eval`` and ``plan`` sub-commands."""
     t = subparsers.add_parser(
         "train",
         help="progressive pretraining from a YAML run config",
@@ -86,6 +146,25 @@ def register(subparsers: Any) -> None:
     t.add_argument("config", help="YAML run config (see configs/)")
     add_run_arguments(t)
     t.set_defaults(func=cmd_train)
+
+    e = subparsers.add_parser(
+        "eval",
+        help="validation loss and perplexity of a checkpoint on a run config's held-out data",
+        description="Load CHECKPOINT (a run's OUTPUT/final, OUTPUT/checkpoints/step-N, or any checkpoint whose "
+        "vocabulary fits the config's tokenizer) and print its loss per predicted token (nats) and perplexity on "
+        "the first train.eval_batches batches of the config's held-out split, the ones training evaluates on. "
+        "The data is prepared first when missing. Example:\n"
+        "  progtrain eval runs/gpt2_tiny_progressive/final --config configs/gpt2_tiny_progressive.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("checkpoint", help="checkpoint directory")
+    e.add_argument("--config", required=True, help="YAML run config whose held-out data to evaluate on")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, as for train")
+    e.add_argument("--output-dir", help="output directory of the run (its prepared data, OUTPUT/data by default)")
+    e.add_argument("--batches", type=int, help="evaluation batches (default: train.eval_batches)")
+    e.add_argument("--json", action="store_true", help="also print the result as JSON")
+    e.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser(
         "plan",

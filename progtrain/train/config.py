@@ -13,10 +13,15 @@ Example (see ``configs/gpt2_tiny_progressive.yaml``)::
     optim: {lr: 1.0e-3, warmup_steps: 30}
     train: {max_steps: 600, batch_size: 16}
     stages:
-      - {name: wide, start_step: 200, grow: {hidden_size: 128, num_heads: 8}}
+      - {name: wide, start: 0.3333, grow: {hidden_size: 128, num_heads: 8}}   # step 200 of 600
       - {name: deep, start_step: 400, grow: {num_layers: 4}}
 
-Overrides use dotted keys with list indices: ``--set train.max_steps=50 --set stages.0.start_step=20``.
+A stage starts at a fraction of the run (``start``), an optimizer step (``start_step``) or a token
+count (``start_tokens``); :func:`validate` resolves each to ``start_step``, so a fraction follows
+``--set train.max_steps=N``.
+
+Overrides use dotted keys with list indices: ``--set train.max_steps=50 --set stages.0.start=0.5``
+(setting one of a stage's start keys replaces the others).
 """
 
 from __future__ import annotations
@@ -107,7 +112,10 @@ class TrainConfig:
     ``batch_size / grad_accum`` sequences. Intervals are in optimizer steps. ``mixed_precision``:
     auto (bf16 on a GPU that supports it, fp32 on CPU) | no | fp16 | bf16. ``max_bad_batches``:
     how many non-finite losses to skip before stopping. ``trackers``: accelerate trackers (e.g.
-    ``tensorboard``)."""
+    ``tensorboard``; a tracker whose package is missing stops the run before training, naming the
+    ``pip install``). ``gradient_checkpointing``: recompute activations in the backward pass
+    (transformers' ``activation_checkpointing_enable``, non-reentrant; applied again after each growth):
+    less memory for about a third more compute per step."""
 
     max_steps: int = 1000
     batch_size: int = 16
@@ -121,6 +129,7 @@ class TrainConfig:
     max_bad_batches: int = 0
     deepspeed_config: Any = None
     trackers: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -134,7 +143,8 @@ class LrScalesConfig:
 
 @dataclass
 class StageConfig:
-    """One growth: at ``start_step`` (or ``start_tokens``, rounded up to whole steps) grow the model to
+    """One growth: at ``start_step`` (or ``start``, a fraction of ``train.max_steps`` rounded to the
+    nearest step, see :func:`fraction_to_step`; or ``start_tokens``, rounded up to whole steps) grow the model to
     ``grow`` (a :class:`~progtrain.growth.GrowthSpec`, written as a mapping of its fields: hidden_size,
     num_heads, num_kv_heads, intermediate_size, num_layers, layer_placement, layer_sources, depth_init,
     symmetry_noise) with init strategy ``init`` and its ``init_kwargs``.
@@ -155,6 +165,7 @@ class StageConfig:
 
     name: str = ""
     start_step: int | None = None
+    start: float | None = None
     start_tokens: int | None = None
     grow: GrowthSpec = field(default_factory=GrowthSpec)
     init: str = "function_preserving"
@@ -168,6 +179,49 @@ class StageConfig:
     fade_in_steps: int = 0
     mask_steps: int = 0
     moments: str = "split"
+
+
+#: accelerate's tracker names -> (module that must be importable, the pip install that provides it)
+TRACKER_PACKAGES = {
+    "tensorboard": (("tensorboard", "tensorboardX"), 'pip install "progtrain[tensorboard]"'),
+    "wandb": (("wandb",), "pip install wandb"),
+    "comet_ml": (("comet_ml",), "pip install comet_ml"),
+    "aim": (("aim",), "pip install aim"),
+    "mlflow": (("mlflow",), "pip install mlflow"),
+    "clearml": (("clearml",), "pip install clearml"),
+    "dvclive": (("dvclive",), "pip install dvclive"),
+    "swanlab": (("swanlab",), "pip install swanlab"),
+    "trackio": (("trackio",), "pip install trackio"),
+}
+
+
+def check_trackers(trackers: Any) -> None:
+    """Every tracker of ``train.trackers`` is known to accelerate and its package is installed (checked
+    when training starts, not by :func:`validate`: ``progtrain plan`` needs no tracker).
+
+    Raises:
+        ProgtrainConfigError: an unknown name (lists the known ones) or a missing package (names the
+            ``pip install`` that provides it), before any training.
+    """
+    import importlib.util
+
+    if not isinstance(trackers, (list, tuple)):
+        raise ProgtrainConfigError(f"train.trackers must be a list like [tensorboard], got {trackers!r}")
+    for name in trackers:
+        if name not in TRACKER_PACKAGES:
+            raise ProgtrainConfigError(
+                f"train.trackers: unknown tracker {name!r}; use any of {', '.join(TRACKER_PACKAGES)}"
+            )
+        modules, install = TRACKER_PACKAGES[name]
+        if not any(importlib.util.find_spec(m) is not None for m in modules):
+            raise ProgtrainConfigError(
+                f"train.trackers: {name} is requested but its package is not installed: run `{install}`, or remove "
+                f"{name} from train.trackers"
+            )
+
+
+#: the keys that say when a stage starts; exactly one per stage
+START_KEYS = ("start", "start_step", "start_tokens")
 
 
 @dataclass
@@ -212,6 +266,23 @@ class RunConfig:
             if step >= s:
                 idx = i
         return idx
+
+    def schedule(self) -> dict:
+        """What fixes a run's path, as flat ``{"train.max_steps": 600, "stages.0.start_step": 200, ...}``:
+        the length, batch, sequence length, optimizer and LR schedule, and every stage (resolved start
+        step, growth, init and options). A checkpoint records it; ``--resume`` refuses a change
+        (:func:`schedule_changes`) unless asked to allow it."""
+        t, o = self.train, self.optim
+        d = {"train.max_steps": t.max_steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+             "data.seq_len": self.data.seq_len, "seed": self.seed}
+        d.update({f"optim.{k}": list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(o).items()})
+        for i, st in enumerate(self.stages):
+            sd = dataclasses.asdict(st)
+            sd.pop("start", None), sd.pop("start_tokens", None)  # resolved into start_step
+            for k, v in sd.items():
+                d[f"stages.{i}.{k}"] = list(v) if isinstance(v, tuple) else v
+        d["stages"] = len(self.stages)
+        return json_roundtrip(d)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -327,6 +398,9 @@ def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
                     node = node[j]
             else:
                 if last:
+                    if p in START_KEYS and len(parts) == 3 and parts[0] == "stages":
+                        for k in START_KEYS:  # a new start replaces the stage's old one
+                            node.pop(k, None)
                     node[p] = value
                 else:
                     if node.get(p) is None:
@@ -396,6 +470,10 @@ def stage_plans(cfg: RunConfig, vocab_size: int | None = None) -> tuple[Any, lis
     hf = initial_hf_config(cfg)
     if vocab_size is not None and not cfg.model.checkpoint:
         hf.vocab_size = int(vocab_size)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the family's defaults (GPT-2: 50256)
+            tid = getattr(hf, key, None)
+            if isinstance(tid, int) and tid >= hf.vocab_size:
+                setattr(hf, key, None)
     get_adapter(hf)  # an unsupported family is refused even without stages
     plans, cur = [], hf
     for i, st in enumerate(cfg.stages):
@@ -441,6 +519,10 @@ def _validate_training(cfg: RunConfig) -> None:
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}: the global batch "
             f"is split into grad_accum equal micro-batches; choose a batch size that is a multiple of grad_accum"
         )
+    if not isinstance(t.trackers, (list, tuple)):
+        raise ProgtrainConfigError(f"train.trackers must be a list like [tensorboard], got {t.trackers!r}")
+    if not isinstance(t.gradient_checkpointing, bool):
+        raise ProgtrainConfigError(f"train.gradient_checkpointing must be true or false, got {t.gradient_checkpointing!r}")
     if t.mixed_precision not in ("auto", "no", "fp16", "bf16"):
         raise ProgtrainConfigError(f"train.mixed_precision={t.mixed_precision!r}: use auto, no, fp16 or bf16")
     if o.schedule not in ("cosine", "linear", "constant"):
@@ -490,8 +572,15 @@ def _validate_stages(cfg: RunConfig) -> None:
     prev = 0
     for i, st in enumerate(cfg.stages):
         st.name = st.name or f"stage{i + 1}"
-        if (st.start_step is None) == (st.start_tokens is None):
-            raise ProgtrainConfigError(f"stages[{i}] ({st.name}): give exactly one of start_step or start_tokens")
+        given = [k for k in START_KEYS if getattr(st, k) is not None]
+        if len(given) != 1:
+            raise ProgtrainConfigError(
+                f"stages[{i}] ({st.name}): give exactly one of start (a fraction of train.max_steps), start_step or "
+                f"start_tokens, got {', '.join(given) or 'none'}"
+            )
+        if st.start is not None:
+            st.start_step = fraction_to_step(st.start, t.max_steps, f"stages[{i}] ({st.name}).start")
+            st.start = None
         if st.start_tokens is not None:
             _pos_int(f"stages[{i}].start_tokens", st.start_tokens)
             st.start_step = math.ceil(st.start_tokens / cfg.tokens_per_step)
@@ -554,6 +643,35 @@ def _validate_model(cfg: RunConfig) -> None:
             f"{'masked_lm' if cfg.model.task == 'causal_lm' else 'causal_lm'} or another family"
         ) from None
     stage_plans(cfg)
+
+
+def json_roundtrip(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists, keys strings), for comparisons with
+    values stored in JSON files."""
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
+def schedule_changes(old: dict, new: dict) -> list[str]:
+    """``"key old -> new"`` for each entry of two :meth:`RunConfig.schedule` dicts that differs."""
+    keys = list(dict.fromkeys(list(old) + list(new)))
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def fraction_to_step(fraction: Any, max_steps: int, where: str = "start") -> int:
+    """The optimizer step at ``fraction`` of a ``max_steps``-step run: ``floor(fraction * max_steps + 0.5)``
+    (nearest step, halves up; at least 1), so ``0.3333`` of 600 is step 200 and ``0.25`` of 10 is step 3.
+    Shared by :func:`validate` and :class:`progtrain.integrations.trainer.ProgressiveTrainer`.
+
+    Raises:
+        ProgtrainConfigError: ``fraction`` is not a number in (0, 1) (``where`` names it).
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ProgtrainConfigError(
+            f"{where} must be a fraction of the run in (0, 1) (e.g. 0.25 = a quarter of train.max_steps), got {fraction!r}"
+        )
+    return max(1, math.floor(fraction * max_steps + 0.5))
 
 
 def _looks_like_hub_id(s: str) -> bool:

@@ -90,7 +90,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, task: str) -> Any:
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=special_list,
                             show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, **specials)
-    tok.model_max_length = 1_000_000
+    tok.model_max_length = 1_000_000  # no bound while tokenising documents; the saved model's positions at the end
     return tok
 
 

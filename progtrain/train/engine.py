@@ -24,6 +24,7 @@ resumed from any checkpoint follows the uninterrupted run's path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,7 +36,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from accelerate.utils import gather_object, set_seed
+
+from ..quiet import deepspeed_probe_off, transformers_bars_off
+
+deepspeed_probe_off()  # before accelerate imports DeepSpeed: no accelerator banner on stdout
+
+from accelerate.utils import gather_object, set_seed  # noqa: E402
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -47,7 +53,7 @@ from ..hub import push_to_hub
 from ..init import get_strategy
 from ..io import atomic_write_text, load_model, model_class_for, save_checkpoint
 from . import checkpoint as ckpt
-from .config import RunConfig, StageConfig, initial_hf_config
+from .config import RunConfig, StageConfig, check_trackers, initial_hf_config, schedule_changes
 from .data import RunData, prepare_data
 from .distributed import Engine, FullState, build_accelerator
 from .masks import GrowthMasks, is_empty, layer_mask_spec, mask_spec
@@ -57,6 +63,9 @@ from .report import MetricsLog, format_stage_table, model_card, perplexity, plot
 from .surgery import grow_moments, update_scales
 
 logger = logging.getLogger(__name__)
+#: what a user of the command line needs to read as the run goes (resume, growths, interruption): the CLI
+#: shows it on stderr (progtrain.cli.console_logging); library users see it at INFO like any log
+console = logging.getLogger("progtrain.console")
 
 
 # ---------------------------------------------------------------------- pieces
@@ -231,10 +240,12 @@ class TrainState:
 class ProgressiveTrainer:
     """Runs a :class:`RunConfig`. Use :func:`train`."""
 
-    def __init__(self, cfg: RunConfig, resume: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, resume: bool = False, allow_config_change: bool = False) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.resume = resume
+        self.allow_config_change = allow_config_change
+        check_trackers(cfg.train.trackers)  # a missing tracker package stops here, naming its pip install
         self.state = TrainState()
         self.masks: GrowthMasks | None = None
         self.last_ckpt: str | None = None
@@ -243,6 +254,7 @@ class ProgressiveTrainer:
 
     def _check_output_dir(self) -> None:
         if self.resume:
+            self._check_resume_schedule()
             return
         if self.out.exists() and any(self.out.iterdir()) and ((self.out / "metrics.jsonl").exists()
                                                               or (self.out / ckpt.CKPT_DIR).exists()):
@@ -250,31 +262,65 @@ class ProgressiveTrainer:
                 f"output directory {self.out} already holds a run: pass --resume to continue it, or another --output-dir"
             )
 
+    def _check_resume_schedule(self) -> None:
+        """``--resume`` continues the recorded run: a changed length, batch, LR schedule or stage table
+        would silently change its path, so it is refused unless ``allow_config_change``."""
+        latest = ckpt.latest_checkpoint(self.out)
+        if latest is None:
+            return
+        old = json.loads((latest / "state.json").read_text()).get("schedule")
+        changes = schedule_changes(old, self.cfg.schedule()) if old is not None else []
+        if not changes:
+            return
+        if self.allow_config_change:
+            logger.warning("--resume with a changed config (allowed): %s", "; ".join(changes))
+            return
+        raise ProgtrainConfigError(
+            f"--resume: the config differs from the run being resumed ({latest.name}): {'; '.join(changes[:4])}"
+            f"{'; ...' if len(changes) > 4 else ''}. The LR schedule and the stage starts depend on it: resume "
+            f"with the run's config, or pass --allow-config-change to continue with the new values"
+        )
+
     # .................................................................. the loop
     def run(self, stop_at_step: int | None = None) -> dict:
         """Train to ``train.max_steps`` (or stop after ``stop_at_step`` optimizer steps, for tests
         and time-limited jobs; the last state is checkpointed). Returns a summary dict."""
+        with transformers_bars_off():  # no "Writing model shards" bar at every checkpoint
+            return self._run(stop_at_step)
+
+    def _run(self, stop_at_step: int | None) -> dict:
         cfg, state = self.cfg, self.state
-        self._setup()
-        resumed = self._restore_or_init()
-        batches = self._make_loaders()
-        self._open_logs(resumed)
+        created = not self.out.exists()
+        try:
+            self._setup()
+            resumed = self._restore_or_init()
+            batches = self._make_loaders()
+            self._open_logs(resumed)
+        except BaseException:
+            if created:  # a failed start leaves no empty output directory behind
+                _remove_if_empty(self.out)
+            raise
         stop = cfg.train.max_steps if stop_at_step is None else min(stop_at_step, cfg.train.max_steps)
         bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not self.acc.is_main_process,
                    desc="train", dynamic_ncols=True)
-        with bar:
+        post: dict = {}  # the progress bar's postfix: training loss, stage, last validation perplexity
+        with bar, _on_interrupt(self):
             while state.step < stop:
                 if state.stage + 1 < len(self.starts) and state.step == self.starts[state.stage + 1]:
                     self._grow(state.stage + 1)
                 train_loss, skipped = self.train_step(batches)
                 bar.update(1)
                 if state.step % cfg.train.log_interval == 0 or state.step == stop:
-                    bar.set_postfix(loss=f"{train_loss:.4f}", stage=state.stage, refresh=False)
+                    post.update(loss=f"{train_loss:.4f}", stage=state.stage)
+                    bar.set_postfix(post, refresh=False)
                     self._log(event="train", train_loss=None if skipped else train_loss,
                               lr=self.engine.optimizer.param_groups[0]["lr"])
                 if self.val_dl is not None and cfg.train.eval_interval and (
                         state.step % cfg.train.eval_interval == 0 or state.step == cfg.train.max_steps):
-                    self._log(event="eval", val_loss=self._eval())
+                    val = self._eval()
+                    self._log(event="eval", val_loss=val, val_ppl=perplexity(val))
+                    post.update(val_ppl=f"{perplexity(val) or float('nan'):.2f}")  # kept until the next evaluation
+                    bar.set_postfix(post, refresh=False)
                 if (cfg.train.checkpoint_interval and state.step % cfg.train.checkpoint_interval == 0) or (
                         state.step == stop and stop < cfg.train.max_steps):
                     self._checkpoint()
@@ -342,6 +388,9 @@ class ProgressiveTrainer:
                 f"over {self.world} processes: make it a multiple of {self.world}"
             )
         self.micro = self.micro_global // self.world
+        self.threads = cpu_threads(self.world) if acc.device.type == "cpu" else None
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         if any(s.lr_scales or s.born_warmup_steps or s.match_dynamics for s in cfg.stages):
             self.engine.check_update_scales()
         self.starts = cfg.stage_starts()
@@ -365,7 +414,10 @@ class ProgressiveTrainer:
             model = load_model(str(resumed / "model"), task=self.cfg.model.task, dtype="float32")
             self._build(model, c.moments, c.state["opt_step"])
             self._enter_stage(model)
-            logger.info("resumed from %s at step %d (stage %d)", resumed, self.state.step, self.state.stage)
+            if self.acc.is_main_process:
+                st = self.state.stage
+                console.info("resumed from step %d (stage %d%s) of %s", self.state.step, st,
+                             f" {self.cfg.stages[st - 1].name}" if st else "", resumed)
         else:
             set_seed(self.cfg.seed)
             model = build_initial_model(self.cfg, self.data.tokenizer)
@@ -405,6 +457,7 @@ class ProgressiveTrainer:
                                       growth_done=bool(resumed) and state.stage == cfg.stage_at(state.step))
             info = {"world_size": self.world, "engine": self.engine.kind, "device": str(acc.device),
                     "mixed_precision": str(acc.mixed_precision), "micro_batch_per_process": self.micro,
+                    "torch_threads": torch.get_num_threads(),
                     "config": cfg.to_dict(), "config_file": cfg.source, "resumed_from": str(resumed) if resumed else None}
             atomic_write_text(self.out / "run_info.json", json.dumps(info, indent=1, default=str))
         if cfg.train.trackers:
@@ -413,13 +466,19 @@ class ProgressiveTrainer:
         self._log(event="start", world_size=self.world, engine=self.engine.kind, params=self.n_params,
                   resumed=bool(resumed))
         if resumed is None and self.val_dl is not None:
-            self._log(event="eval", val_loss=self._eval())
+            val = self._eval()
+            self._log(event="eval", val_loss=val, val_ppl=perplexity(val))
 
     # .................................................................. model state
     def _build(self, model: PreTrainedModel, moments: dict | None, opt_step: int) -> None:
         """Optimizer + scheduler for ``model``, prepared; moments loaded when given."""
         cfg = self.cfg
         model.train()
+        if cfg.model.task == "causal_lm":
+            name_causal_loss(model)
+        if cfg.train.gradient_checkpointing:  # a grown model is a new module: enabled again at every build
+            # transformers 5 name (gradient_checkpointing_enable is its deprecated alias)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.flops_tok = flops_per_token(model, cfg.data.seq_len)
         self.n_params = total_params(model)
         opt = make_optimizer(model, cfg)
@@ -516,8 +575,10 @@ class ProgressiveTrainer:
                   masked=state.masks is not None,
                   params=self.n_params, sizes=res.target_sizes.as_dict(), deviation=(res.deviation or {}).get("rel"),
                   growth_s=round(growth_s, 4))
-        if before is not None:
-            logger.info("growth to stage %d (%s) at step %d: val loss %.6f -> %.6f", idx, st.name, state.step, before, after)
+        if self.acc.is_main_process:
+            console.info("step %d: grew to stage %d (%s), %s parameters, %s%s", state.step, idx, st.name,
+                         f"{self.n_params:,}", "exact" if res.exact else f"deviation {(res.deviation or {}).get('rel', float('nan')):.2e}",
+                         f"; val loss {before:.4f} -> {after:.4f}" if before is not None else "")
         self._checkpoint(boundary=True, full=grown)
 
     def _grow_model(self, model: PreTrainedModel, st: StageConfig, idx: int) -> Any:
@@ -554,7 +615,8 @@ class ProgressiveTrainer:
         sd = self.state.state_dict()
         rng = gather_object([sd.pop("rng")])
         if self.acc.is_main_process:
-            state = {**sd, "boundary": boundary, "world_size": self.world, "engine": self.engine.kind}
+            state = {**sd, "boundary": boundary, "world_size": self.world, "engine": self.engine.kind,
+                     "schedule": self.cfg.schedule()}
             path = ckpt.save_checkpoint(self.out, model=full.model, moments=full.moments, opt_step=full.step,
                                         state=state, rng=rng)
             self.last_ckpt = str(path)
@@ -582,7 +644,7 @@ class ProgressiveTrainer:
             extra = {"README.md": card, "metrics.jsonl": (self.out / "metrics.jsonl").read_text()}
             # a run started from a checkpoint keeps its other files (generation settings travel with
             # the model object; sentence-transformers modules, custom code, ... are carried here)
-            save_checkpoint(full, self.out / "final", tokenizer=self.data.tokenizer, history=state.history,
+            save_checkpoint(full, self.out / "final", tokenizer=self._tokenizer_for(full), history=state.history,
                             extra_files=extra, overwrite=True, carry_from=cfg.model.checkpoint)
             if (self.out / "loss_vs_flops.png").exists():
                 shutil.copyfile(self.out / "loss_vs_flops.png", self.out / "final" / "loss_vs_flops.png")
@@ -601,6 +663,16 @@ class ProgressiveTrainer:
             acc.end_training()
         return summary
 
+    def _tokenizer_for(self, model: PreTrainedModel) -> Any:
+        """The run's tokenizer with ``model_max_length`` = the positions ``model`` serves, so that
+        ``pipeline``/``generate`` truncate to what the model can embed instead of failing with an
+        index error past it."""
+        tok = self.data.tokenizer
+        limit = input_limits(model).max_positions
+        if tok is not None and limit is not None and tok.model_max_length > limit:
+            tok.model_max_length = int(limit)
+        return tok
+
     def _stage_info(self) -> list[dict]:
         confs = stage_configs(self.cfg, self.data.tokenizer and len(self.data.tokenizer))
         out = []
@@ -612,8 +684,52 @@ class ProgressiveTrainer:
         return out
 
 
-def train(cfg: RunConfig, resume: bool = False, stop_at_step: int | None = None) -> dict:
+def name_causal_loss(model: PreTrainedModel) -> None:
+    """Set ``model.loss_type = "ForCausalLM"`` where transformers left it None: transformers 5 derives it
+    from the class name, GPT2LMHeadModel's matches nothing, and every forward with labels then warned
+    "loss_type=None ... Using the default loss: ForCausalLMLoss" (the same loss, named here)."""
+    if getattr(model, "loss_type", "") is None:
+        model.loss_type = "ForCausalLM"
+
+
+def cpu_threads(world_size: int) -> int | None:
+    """Intra-op threads for each process of a CPU run when ``OMP_NUM_THREADS`` is unset (None: leave
+    torch's choice): the CPUs this process may use, one kept for the rest of the system, shared by
+    the processes, at least 1. On a 2-core machine that is 1: measured on the tiny GPT-2 of
+    configs/gpt2_tiny_progressive.yaml (widths 64 and 128, batch 16 x 128), one thread ran a step
+    3-5x faster than two while the other core was busy."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, (cpus - 1) // max(1, world_size))
+
+
+@contextlib.contextmanager
+def _on_interrupt(trainer: ProgressiveTrainer) -> Iterator[None]:
+    """On Ctrl-C: say where the run stopped and how to continue it, then let the interrupt through."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if trainer.acc.is_main_process:
+            console.info("interrupted at step %d (stage %d); the last checkpoint is %s: run the same command with "
+                         "--resume to continue from it", trainer.state.step, trainer.state.stage,
+                         trainer.last_ckpt or "none (the run restarts from step 0)")
+        raise
+
+
+def _remove_if_empty(path: Path) -> None:
+    """Remove ``path`` when it holds no file (only empty directories, or nothing)."""
+    if path.is_dir() and not any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def train(cfg: RunConfig, resume: bool = False, stop_at_step: int | None = None,
+          allow_config_change: bool = False) -> dict:
     """Run a progressive pretraining config end to end (see :class:`ProgressiveTrainer`).
 
+    ``resume``: continue from the newest checkpoint in the output directory; a config whose
+    :meth:`~progtrain.train.config.RunConfig.schedule` differs from the checkpoint's raises
+    :class:`~progtrain.errors.ProgtrainConfigError` unless ``allow_config_change``.
+
     Returns a summary: output directory, world size, engine kind, final metrics and stage rows."""
-    return ProgressiveTrainer(cfg, resume=resume).run(stop_at_step=stop_at_step)
+    return ProgressiveTrainer(cfg, resume=resume, allow_config_change=allow_config_change).run(stop_at_step=stop_at_step)

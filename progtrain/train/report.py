@@ -128,6 +128,9 @@ def model_card(config: Any, history: list[dict], stages: list[dict], final_metri
     """README.md text for the final model (``progtrain.card.render_model_card``)."""
     from ..card import render_model_card
 
+    # a local path names its last part only: a card travels to the Hub, the machine's paths do not
+    if source and not _is_hub_name(source):
+        source = Path(source).name or source
     extra = (
         f"Trained with `progtrain train` on {source}: {run_cfg.train.max_steps} steps of "
         f"{run_cfg.tokens_per_step:,} tokens ({run_cfg.train.batch_size} x {run_cfg.data.seq_len}), "
@@ -137,6 +140,11 @@ def model_card(config: Any, history: list[dict], stages: list[dict], final_metri
     base = run_cfg.model.checkpoint if run_cfg.model.checkpoint else None
     return render_model_card(config=config, growth_history=history, stages=stages, final_metrics=final_metrics,
                              base_model=base, datasets=datasets, extra_markdown=extra)
+
+
+def _is_hub_name(name: str) -> bool:
+    """``name`` is not a local path (a hub dataset id such as ``owner/name``, or a description)."""
+    return not (name.startswith(("/", "~", ".")) or Path(name).exists())
 
 
 def perplexity(loss: float | None) -> float | None:

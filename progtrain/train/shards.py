@@ -308,7 +308,8 @@ def _tokenised(dcfg: Any, sources: list, tok: Any, sep: int | None, dtype: np.dt
     import datasets
 
     def encode(batch: dict) -> dict:
-        ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
+        # whole documents, cut into blocks later: the "longer than the model's maximum" warning is noise here
+        ids = tok(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
         return {"ids": [np.asarray(x + [sep] if (s and sep is not None) else x, dtype=dtype)
                         for x, s in zip(ids, batch["sep"])]}
 
