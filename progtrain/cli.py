@@ -287,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    _register_grow(sub)
+    _register_verify(sub)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return p
+
+
+
+
+def _register_grow(sub: Any) -> None:
+    """The ``grow`` sub-command: size flags generated from :class:`GrowthSpec`, strategy list from the catalog."""
     g = sub.add_parser(
         "grow",
         help="grow a Hugging Face checkpoint to larger sizes and save it as a standard checkpoint",
@@ -335,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     g.set_defaults(func=cmd_grow)
 
+
+def _register_verify(sub: Any) -> None:
+    """The ``verify`` sub-command."""
     v = sub.add_parser(
         "verify",
         help="check that a grown checkpoint computes the same function as its source",
@@ -359,10 +373,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json", action="store_true", help="also print the result as JSON")
     v.set_defaults(func=cmd_verify)
-
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register(sub)
-    return p
 
 
 # Modules that add sub-commands: each defines ``register(subparsers)``, which adds its parser and

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_dir
+from ..io import atomic_dir, json_default
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def save_checkpoint(
             if value is not None:
                 torch.save(value, tmp / TENSOR_MAPS[key])
         torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(json_state, indent=1, default=_json_default))
+        (tmp / "state.json").write_text(json.dumps(json_state, indent=1, default=json_default))
     logger.info("checkpoint saved: %s", final)
     return final
 
@@ -159,9 +159,3 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> None:
             interval.append(p)
     for p in interval[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)

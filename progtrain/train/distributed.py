@@ -456,18 +456,8 @@ def _flat_partitions(zero, base: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in base.param_groups for p in group["params"]]
 
 
-def load_moments(accelerator: Accelerator, model: torch.nn.Module, optimizer,
-                 moments: dict[str, dict[str, torch.Tensor]], step: int) -> None:
-    """After :func:`prepare`, write full moments (``{param name: {"exp_avg", "exp_avg_sq"}}``, full
-    shapes) into the possibly partitioned optimizer state and set Adam's step count to ``step``.
-    Parameters absent from ``moments`` get zero moments. Collective under DeepSpeed and FSDP2; under
-    FSDP2 the main process's ``moments`` are used (the others may pass ``{}``)."""
-    _no_fsdp(accelerator, "load_moments")
-    unwrapped = accelerator.unwrap_model(model)
-    base = _base_optimizer(optimizer)
-    _check_adam(base)
-    named = _named_params(unwrapped)
-    shapes = {n: tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape) for n, p in named}
+def _check_moment_shapes(moments: dict[str, dict[str, torch.Tensor]], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse moments keyed by a parameter the model lacks or shaped unlike their parameter."""
     unknown = sorted(set(moments) - set(shapes))
     if unknown:
         raise ProgtrainConfigError(
@@ -481,6 +471,21 @@ def load_moments(accelerator: Accelerator, model: torch.nn.Module, optimizer,
                     f"moment {k!r} of {name!r} has shape {tuple(t.shape)}, the parameter {shapes[name]}; "
                     f"map the moments to the grown shapes (ParamMap.map_tensor)"
                 )
+
+
+def load_moments(accelerator: Accelerator, model: torch.nn.Module, optimizer,
+                 moments: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+    """After :func:`prepare`, write full moments (``{param name: {"exp_avg", "exp_avg_sq"}}``, full
+    shapes) into the possibly partitioned optimizer state and set Adam's step count to ``step``.
+    Parameters absent from ``moments`` get zero moments. Collective under DeepSpeed and FSDP2; under
+    FSDP2 the main process's ``moments`` are used (the others may pass ``{}``)."""
+    _no_fsdp(accelerator, "load_moments")
+    unwrapped = accelerator.unwrap_model(model)
+    base = _base_optimizer(optimizer)
+    _check_adam(base)
+    named = _named_params(unwrapped)
+    shapes = {n: tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape) for n, p in named}
+    _check_moment_shapes(moments, shapes)
     step = int(step)
     amsgrad = any(g.get("amsgrad", False) for g in base.param_groups)
     keys = MOMENT_KEYS + (("max_exp_avg_sq",) if amsgrad else ())

@@ -87,9 +87,14 @@ def element_sources(pmap: ParamMap, old_shape: tuple[int, ...]) -> tuple[torch.T
 def moment_factor(pmap: ParamMap, old_shape: tuple[int, ...]) -> torch.Tensor:
     """``c = 1 / (k * s)`` per grown element (0 for born elements), float64."""
     _, s, k = element_sources(pmap, old_shape)
-    c = torch.zeros_like(s)
+    return _split_factor(s, k)
+
+
+def _split_factor(s: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``1 / (k * s)`` where an element has a source (``k > 0``), 0 for born elements; float64."""
+    c = torch.zeros(s.shape, dtype=torch.float64)
     ok = k > 0
-    c[ok] = 1.0 / (k[ok].double() * s[ok])
+    c[ok] = 1.0 / (k[ok].double() * s[ok].double())
     return c
 
 
@@ -132,7 +137,7 @@ def grow_moments(
         gm = m.flatten()[src.clamp(min=0)].double()
         gv = v.flatten()[src.clamp(min=0)].double()
         if mode == "split":
-            c = torch.where(born, torch.zeros((), dtype=torch.float64), 1.0 / (k.clamp(min=1).double() * s.masked_fill(born, 1.0)))
+            c = _split_factor(s, k)
             gm, gv = gm * c, gv * c * c
         elif mode == "reset":
             born = born | (k > 1)
@@ -156,8 +161,3 @@ def update_scales(param_maps: Mapping[str, ParamMap], old_shapes: Mapping[str, t
         src, s, _ = element_sources(pmap, tuple(old_shapes[pmap.old_name]))
         out[name] = torch.where(src < 0, torch.full((), float(born_scale), dtype=torch.float64), s).float()
     return out
-
-
-def born_masks(param_maps: Mapping[str, ParamMap]) -> dict[str, torch.Tensor]:
-    """Boolean masks of the elements born in a growth, by grown parameter name."""
-    return {name: pmap.born_mask() for name, pmap in param_maps.items()}
