@@ -10,9 +10,9 @@ The names are imported on first use (PEP 562): the command line imports
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_attributes
 if TYPE_CHECKING:
     from ..errors import TrainingDivergedError
     from .config import RunConfig, StageConfig, load_config
@@ -31,13 +31,4 @@ __all__ = ["RunConfig", "StageConfig", "TrainingDivergedError", "evaluate", "flo
            "grow_moments", "load_config", "plan", "train", "update_scales"]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
