@@ -34,24 +34,24 @@ def models_tolerance(*models: PreTrainedModel) -> float:
 #   for scale: the same models *run* in bf16 / fp16 deviate from their fp32 runs by 1-2.2 eps.
 # So 2 eps accepts rounding with >= 1.8x margin, and a growth that changes the function by more
 # than 2 eps (1.6e-2 in bf16, 2e-3 in fp16) is reported approximate.
-_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2.0 * 2**-7, torch.float16: 2.0 * 2**-10}
+_TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-5, torch.bfloat16: 2.0 * 2**-7, torch.float16: 2.0 * 2**-10}
 
 
 def tolerance_for(*dtypes: torch.dtype | str) -> float:
     """The relative deviation (max |delta output| / max |output|, outputs computed in fp32) within
     which a growth counts as exact when the weights compared are stored in ``dtypes`` (the coarsest
-    one decides): 1e-5 for float32, 1.5625e-2 (2 eps) for bfloat16, 1.953e-3 (2 eps) for float16;
+    one decides): 1e-5 for float32 (and float64), 1.5625e-2 (2 eps) for bfloat16, 1.953e-3 (2 eps) for float16;
     1e-5 when no dtype is given. Strings such as ``"bfloat16"`` or ``"torch.float16"`` are accepted.
 
     Raises:
-        ValueError: a dtype other than float32, bfloat16 and float16.
+        ValueError: a dtype other than float64, float32, bfloat16 and float16.
     """
     tol = _TOLERANCE[torch.float32]
     for dt in dtypes:
         if isinstance(dt, str):
             dt = getattr(torch, dt.removeprefix("torch."), None)
         if dt not in _TOLERANCE:
-            raise ValueError(f"no tolerance for dtype {dt}: use float32, bfloat16 or float16")
+            raise ValueError(f"no tolerance for dtype {dt}: use float64, float32, bfloat16 or float16")
         tol = max(tol, _TOLERANCE[dt])
     return tol
 

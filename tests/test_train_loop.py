@@ -53,9 +53,9 @@ def test_boundary_checkpoint_is_the_grown_state_without_a_gather(tmp_path_factor
     gather = Engine.gather_full_state
     checkpoint = ProgressiveTrainer._checkpoint
 
-    def counted_gather(self):
+    def counted_gather(self, **kwargs):
         gathers.append(self)
-        return gather(self)
+        return gather(self, **kwargs)
 
     def compared_checkpoint(self, boundary=False, full=None):
         if boundary:
