@@ -650,7 +650,9 @@ class ProgressiveTrainer:
                 shutil.copyfile(self.out / "loss_vs_flops.png", self.out / "final" / "loss_vs_flops.png")
             atomic_write_text(self.out / "README.md", card)
             print("\n" + format_stage_table(rows))
-            print(f"\nfinal validation loss {final['val_loss']}, perplexity {final['perplexity']}; "
+            loss = "n/a" if final["val_loss"] is None else f"{final['val_loss']:.4f}"
+            ppl = "n/a" if final["perplexity"] is None else f"{final['perplexity']:.3f}"
+            print(f"\nfinal validation loss {loss} nats/token, perplexity {ppl}; "
                   f"{state.tokens:,} tokens, {state.flops:.3e} FLOPs, {final['wall_s']} s; model in {self.out / 'final'}")
             summary.update(final=final, stages=rows, model_dir=str(self.out / "final"))
             if cfg.push_to_hub is not None:
