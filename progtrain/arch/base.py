@@ -166,6 +166,27 @@ def default_attention_scale(config: PretrainedConfig, layer: int, head_dim: int)
     return head_dim**-0.5
 
 
+def hf_size_keys(**overrides: str | None) -> dict[str, str | None]:
+    """``ArchAdapter.config_keys`` with transformers' standard attribute names (``hidden_size``,
+    ``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``, ``num_hidden_layers``,
+    ``head_dim``, ``rms_norm_eps``), ``overrides`` replacing the family's own (None: the family has no
+    such key, e.g. ``kv_heads=None`` without grouped-query attention, ``head_dim=None`` when head_dim is
+    hidden / heads)."""
+    keys: dict[str, str | None] = {
+        "hidden": "hidden_size",
+        "heads": "num_attention_heads",
+        "kv_heads": "num_key_value_heads",
+        "ffn": "intermediate_size",
+        "layers": "num_hidden_layers",
+        "head_dim": "head_dim",
+        "norm_eps": "rms_norm_eps",
+    }
+    unknown = set(overrides) - set(keys)
+    if unknown:
+        raise ValueError(f"unknown size key(s) {sorted(unknown)}; valid: {', '.join(keys)}")
+    return {**keys, **overrides}
+
+
 @dataclass(frozen=True)
 class Sizes:
     """The growable sizes of a model. ``head_dim`` is per attention head; ``ffn`` is the number of

@@ -2,7 +2,7 @@
 types, an embedding LayerNorm, a pooler, and the MLM transform head whose decoder is tied to the
 word embeddings. head_dim = hidden_size / num_attention_heads."""
 
-from .base import ArchAdapter, ConfigOption, P, register_adapter
+from .base import ArchAdapter, ConfigOption, P, hf_size_keys, register_adapter
 
 BERT = register_adapter(
     ArchAdapter(
@@ -45,15 +45,7 @@ BERT = register_adapter(
             "cls.predictions.bias": P("head_bias", None),
             "cls.predictions.decoder.bias": P("head_bias", None),
         },
-        config_keys={
-            "hidden": "hidden_size",
-            "heads": "num_attention_heads",
-            "kv_heads": None,
-            "ffn": "intermediate_size",
-            "layers": "num_hidden_layers",
-            "head_dim": None,
-            "norm_eps": "layer_norm_eps",
-        },
+        config_keys=hf_size_keys(kv_heads=None, head_dim=None, norm_eps="layer_norm_eps"),
         norm="layernorm",
         pre_norm=False,
         config_options={

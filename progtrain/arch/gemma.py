@@ -11,7 +11,7 @@ import math
 
 from transformers import PretrainedConfig
 
-from .base import ArchAdapter, ConfigOption, P, ParamSpec, register_adapter
+from .base import ArchAdapter, ConfigOption, ParamSpec, register_adapter
 from .llama import llama_like
 
 

@@ -2,7 +2,7 @@
 partial rotary positions, fused ``query_key_value`` laid out per head as (heads, 3, head_dim),
 head_dim = hidden_size / num_attention_heads, untied ``embed_out`` head."""
 
-from .base import ArchAdapter, ConfigOption, P, register_adapter
+from .base import ArchAdapter, ConfigOption, P, hf_size_keys, register_adapter
 
 GPT_NEOX = register_adapter(
     ArchAdapter(
@@ -29,15 +29,7 @@ GPT_NEOX = register_adapter(
             "mlp.dense_4h_to_h.bias": P("down", "hidden.out"),
         },
         head_params={"embed_out.weight": P("head", None, "hidden.in"), "lm_head.weight": P("head", None, "hidden.in")},
-        config_keys={
-            "hidden": "hidden_size",
-            "heads": "num_attention_heads",
-            "kv_heads": None,
-            "ffn": "intermediate_size",
-            "layers": "num_hidden_layers",
-            "head_dim": None,
-            "norm_eps": "layer_norm_eps",
-        },
+        config_keys=hf_size_keys(kv_heads=None, head_dim=None, norm_eps="layer_norm_eps"),
         norm="layernorm",
         pre_norm=True,
         rotary=True,

@@ -6,7 +6,7 @@ optional attention/MLP biases.
 their modules only import it and register their ``model_type``.
 """
 
-from .base import ArchAdapter, ConfigOption, P, register_adapter
+from .base import ArchAdapter, ConfigOption, P, hf_size_keys, register_adapter
 
 #: Options that change the maths, shared by the families laid out like Llama; each family adds its own.
 LLAMA_LIKE_OPTIONS = {
@@ -55,15 +55,7 @@ def llama_like(
             "mlp.down_proj.bias": P("down", "hidden.out"),
         },
         head_params={"lm_head.weight": P("head", None, "hidden.in")},
-        config_keys={
-            "hidden": "hidden_size",
-            "heads": "num_attention_heads",
-            "kv_heads": "num_key_value_heads",
-            "ffn": "intermediate_size",
-            "layers": "num_hidden_layers",
-            "head_dim": "head_dim",
-            "norm_eps": "rms_norm_eps",
-        },
+        config_keys=hf_size_keys(),
         norm="rmsnorm",
         pre_norm=True,
         rotary=True,

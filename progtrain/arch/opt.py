@@ -16,7 +16,7 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from .base import ArchAdapter, ConfigOption, P, register_adapter
+from .base import ArchAdapter, ConfigOption, P, hf_size_keys, register_adapter
 
 _OPTIONS = {
     "enable_bias": ConfigOption("q/k/v/out and fc1/fc2 biases, grown like their weights"),
@@ -106,15 +106,8 @@ OPT = register_adapter(
             "fc2.bias": P("down", "hidden.out"),
         },
         head_params={"lm_head.weight": P("head", None, "hidden.in")},
-        config_keys={
-            "hidden": "hidden_size",
-            "heads": "num_attention_heads",
-            "kv_heads": None,
-            "ffn": "ffn_dim",
-            "layers": "num_hidden_layers",
-            "head_dim": None,
-            "norm_eps": None,  # nn.LayerNorm's default 1e-5, not a config option
-        },
+        # norm_eps None: OPT's LayerNorm eps is nn.LayerNorm's default 1e-5, not a config option
+        config_keys=hf_size_keys(kv_heads=None, ffn="ffn_dim", head_dim=None, norm_eps=None),
         norm="layernorm",
         pre_norm=True,
         config_options=_OPTIONS,

@@ -6,7 +6,7 @@ out [gate | up] (FFN units in each half; growth inserts new units at the end of 
 count follows the width. No biases.
 """
 
-from .base import ArchAdapter, ConfigOption, P, register_adapter
+from .base import ArchAdapter, ConfigOption, P, hf_size_keys, register_adapter
 from .llama import LLAMA_LIKE_OPTIONS
 
 PHI3 = register_adapter(
@@ -27,15 +27,7 @@ PHI3 = register_adapter(
             "mlp.down_proj.weight": P("down", "hidden.out", "ffn.in"),
         },
         head_params={"lm_head.weight": P("head", None, "hidden.in")},
-        config_keys={
-            "hidden": "hidden_size",
-            "heads": "num_attention_heads",
-            "kv_heads": "num_key_value_heads",
-            "ffn": "intermediate_size",
-            "layers": "num_hidden_layers",
-            "head_dim": None,
-            "norm_eps": "rms_norm_eps",
-        },
+        config_keys=hf_size_keys(head_dim=None),
         norm="rmsnorm",
         pre_norm=True,
         rotary=True,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import ConfigOption, P, register_adapter
+from .base import P, register_adapter
 from .bert import BERT
 
 ROBERTA = register_adapter(

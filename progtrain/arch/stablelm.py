@@ -10,7 +10,7 @@ With ``qk_layernorm`` the per-head norms are separate modules named by their hea
 changes the head count (which any widening does, head_dim being fixed).
 """
 
-from .base import ArchAdapter, ConfigOption, P, register_adapter
+from .base import ArchAdapter, ConfigOption, P, hf_size_keys, register_adapter
 from .llama import LLAMA_LIKE_OPTIONS
 
 STABLELM = register_adapter(
@@ -43,15 +43,7 @@ STABLELM = register_adapter(
             "mlp.down_proj.weight": P("down", "hidden.out", "ffn.in"),
         },
         head_params={"lm_head.weight": P("head", None, "hidden.in")},
-        config_keys={
-            "hidden": "hidden_size",
-            "heads": "num_attention_heads",
-            "kv_heads": "num_key_value_heads",
-            "ffn": "intermediate_size",
-            "layers": "num_hidden_layers",
-            "head_dim": None,
-            "norm_eps": "layer_norm_eps",
-        },
+        config_keys=hf_size_keys(head_dim=None, norm_eps="layer_norm_eps"),
         norm="layernorm",
         pre_norm=True,
         rotary=True,
