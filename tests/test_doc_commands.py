@@ -159,6 +159,8 @@ def normalise(cmd: str, out_dir: str) -> list[str]:
         sets = list(TINY)
         if "bert" in config:
             sets.append("stages.1.fade_in_steps=1")  # 50 fade-in steps do not fit in a 6-step run
+        if "minilm_expand" in config:
+            sets.append("stages.0.fade_in_steps=1")  # nor 20
         if "--output-dir" not in words and words[:2] != ["progtrain", "eval"]:  # eval reads the run it names
             words += ["--output-dir", out_dir]
         for s in sets:

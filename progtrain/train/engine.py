@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..arch import get_adapter
+from ..arch.base import iter_params
 from ..errors import ProgtrainConfigError, TrainingDivergedError
 from ..growth import grow
 from ..growth.calibration import fit_problems, input_limits
@@ -61,6 +62,7 @@ from .flops import flops_per_token, meta_model, stage_configs, total_params
 from .lr_scales import compute_lr_scales, update_birth_stages
 from .report import MetricsLog, format_stage_table, model_card, perplexity, plot_loss_vs_flops, read_metrics, stage_rows
 from .surgery import grow_moments, update_scales
+from .trainable import apply_trainable
 
 logger = logging.getLogger(__name__)
 #: what a user of the command line needs to read as the run goes (resume, growths, interruption): the CLI
@@ -100,7 +102,11 @@ def build_initial_model(cfg: RunConfig, tokenizer: Any) -> PreTrainedModel:
     if cfg.model.checkpoint:
         # the run's blocks (and the calibration batches of data-driven growth, drawn from them) must fit
         # fp32 master weights whatever the checkpoint's dtype (mixed precision runs autocast on top)
-        model = load_model(cfg.model.checkpoint, task=cfg.model.task, dtype="float32")
+        model, info = load_model(cfg.model.checkpoint, task=cfg.model.task, dtype="float32", output_loading_info=True)
+        missing = set(info.get("missing_keys") or ())
+        model.progtrain_fresh = sorted(n for n, _ in iter_params(model) if n in missing)
+        if model.progtrain_fresh:
+            logger.info("model.checkpoint has no %s: initialised by the run", ", ".join(model.progtrain_fresh))
         problems = fit_problems(input_limits(model), cfg.data.seq_len, tokenizer, masked=masked)
         if problems:
             raise ProgtrainConfigError(
@@ -183,6 +189,8 @@ class TrainState:
             ``lr_scales``), computed from the grown model at the growth (or None).
         masks: this stage's growth masks (:func:`progtrain.train.masks.mask_spec`: which modules,
             units and layers are masked, from which step, over how many steps; JSON), or None.
+        fresh: names (in the current model) of the parameters the starting ``model.checkpoint`` did
+            not contain, initialised by the run (``train.trainable: new`` trains them).
     """
 
     step: int = 0
@@ -197,6 +205,7 @@ class TrainState:
     scales: dict[str, torch.Tensor] | None = None
     lr_scales: dict[str, torch.Tensor] | None = None
     masks: dict | None = None
+    fresh: list[str] = field(default_factory=list)
     _t0: float = field(default_factory=time.perf_counter, repr=False)
 
     def start_clock(self) -> None:
@@ -220,7 +229,7 @@ class TrainState:
         return {"step": self.step, "stage": self.stage, "samples": self.samples, "tokens": self.tokens,
                 "flops": self.flops, "wall_s": self.elapsed(), "bad_batches": self.bad_batches,
                 "history": self.history, "births": self.births, "scales": self.scales,
-                "lr_scales": self.lr_scales, "masks": self.masks, "rng": ckpt.rng_state()}
+                "lr_scales": self.lr_scales, "masks": self.masks, "fresh": self.fresh, "rng": ckpt.rng_state()}
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore what :meth:`state_dict` returned (``rng``: this process's entry; None keeps the
@@ -231,6 +240,7 @@ class TrainState:
         self.bad_batches, self.history = sd["bad_batches"], list(sd["history"])
         self.births, self.scales, self.lr_scales = sd.get("births"), sd.get("scales"), sd.get("lr_scales")
         self.masks = sd.get("masks")
+        self.fresh = list(sd.get("fresh") or [])
         if sd.get("rng"):
             ckpt.set_rng_state(sd["rng"])
         self.start_clock()
@@ -393,6 +403,13 @@ class ProgressiveTrainer:
             torch.set_num_threads(self.threads)
         if any(s.lr_scales or s.born_warmup_steps or s.match_dynamics for s in cfg.stages):
             self.engine.check_update_scales()
+        if cfg.train.trainable != "all" and self.engine.kind not in ("single", "ddp"):
+            raise ProgtrainConfigError(
+                f"train.trainable={cfg.train.trainable if isinstance(cfg.train.trainable, str) else list(cfg.train.trainable)} "
+                f"is supported on one process and under DDP, not under {self.engine.kind} (frozen parameters in "
+                f"sharded optimizer state are not handled by progtrain's growth surgery yet): launch without "
+                f"DeepSpeed/FSDP, or use trainable: all"
+            )
         self.starts = cfg.stage_starts()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -422,6 +439,7 @@ class ProgressiveTrainer:
             set_seed(self.cfg.seed)
             model = build_initial_model(self.cfg, self.data.tokenizer)
             self.state.births = update_birth_stages(None, model, None, 0)
+            self.state.fresh = list(getattr(model, "progtrain_fresh", []))
             self._build(model, None, 0)
         self.state.start_clock()
         return resumed
@@ -481,11 +499,26 @@ class ProgressiveTrainer:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.flops_tok = flops_per_token(model, cfg.data.seq_len)
         self.n_params = total_params(model)
+        self._apply_trainable(model)
         opt = make_optimizer(model, cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: lr_factor(cfg, self.state.step))
         self.engine.prepare(model, opt, sched, micro_batch_size=self.micro)
         if moments is not None:
             self.engine.load_moments(moments, opt_step)
+
+    def _apply_trainable(self, model: PreTrainedModel) -> None:
+        """``train.trainable``: freeze what does not train (``requires_grad`` False), so the optimizer
+        built next holds only the trainable parameters. A model that a growth replaces at this very
+        step (a stage at step 0) never trains: it is left as it is (its optimizer is never stepped)."""
+        spec, state = self.cfg.train.trainable, self.state
+        if spec == "all":
+            return
+        if state.stage + 1 < len(self.starts) and self.starts[state.stage + 1] == state.step:
+            return
+        n_train, n_frozen = apply_trainable(model, spec, state.births, state.fresh)
+        if self.acc.is_main_process:
+            console.info("train.trainable=%s: %s parameters train, %s frozen", spec if isinstance(spec, str) else list(spec),
+                         f"{n_train:,}", f"{n_frozen:,}")
 
     def _stage_config(self) -> StageConfig | None:
         return self.cfg.stages[self.state.stage - 1] if self.state.stage > 0 else None
@@ -558,6 +591,8 @@ class ProgressiveTrainer:
         moments = grow_moments(full.moments, res.param_maps, mode=st.moments) if full.moments is not None else {}
         old_shapes = {n: tuple(p.shape) for n, p in full.model.named_parameters()}
         state.births = update_birth_stages(state.births, res.model, res.param_maps, idx)
+        fresh = set(state.fresh)
+        state.fresh = sorted(n for n, pm in res.param_maps.items() if pm.old_name in fresh)
         state.scales = update_scales(res.param_maps, old_shapes, born_scale=1.0) if st.match_dynamics else None
         state.lr_scales = None
         state.masks = self._mask_spec(st, res)
@@ -639,12 +674,13 @@ class ProgressiveTrainer:
             evals = [m["val_loss"] for m in metrics if m["event"] == "eval" and m.get("val_loss") is not None]
             final = {"val_loss": evals[-1] if evals else None, "perplexity": perplexity(evals[-1] if evals else None),
                      "tokens": state.tokens, "flops": state.flops, "steps": state.step, "wall_s": round(state.elapsed(), 1)}
-            card = model_card(full.config, state.history, rows, final, self.data.source, cfg)
+            history = source_history(cfg.model.checkpoint) + state.history  # the source's growths first
+            card = model_card(full.config, history, rows, final, self.data.source, cfg)
             # the final dir carries the run's metrics and plot too, so it is complete for the Hub
             extra = {"README.md": card, "metrics.jsonl": (self.out / "metrics.jsonl").read_text()}
             # a run started from a checkpoint keeps its other files (generation settings travel with
             # the model object; sentence-transformers modules, custom code, ... are carried here)
-            save_checkpoint(full, self.out / "final", tokenizer=self._tokenizer_for(full), history=state.history,
+            save_checkpoint(full, self.out / "final", tokenizer=self._tokenizer_for(full), history=history,
                             extra_files=extra, overwrite=True, carry_from=cfg.model.checkpoint)
             if (self.out / "loss_vs_flops.png").exists():
                 shutil.copyfile(self.out / "loss_vs_flops.png", self.out / "final" / "loss_vs_flops.png")
@@ -684,6 +720,25 @@ class ProgressiveTrainer:
                         "params": total_params(meta_model(c, self.cfg.model.task)),
                         "init": "" if i == 0 else self.cfg.stages[i - 1].init})
         return out
+
+
+def source_history(checkpoint: str | None) -> list[dict]:
+    """The growth history saved with the run's starting ``model.checkpoint`` (``progtrain_growth.json``,
+    local directory or hub id; [] for a fresh model or a checkpoint progtrain never grew). A run's
+    final history is this list followed by the run's own growths."""
+    if not checkpoint:
+        return []
+    from ..io import GROWTH_FILE, read_growth_history
+
+    if Path(checkpoint).exists():
+        return read_growth_history(checkpoint)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return read_growth_history(Path(hf_hub_download(checkpoint, GROWTH_FILE)).parent)
+    except Exception as e:  # no such file in the repo (never grown), or offline with nothing cached
+        logger.info("no growth history for model.checkpoint %s (%s)", checkpoint, type(e).__name__)
+        return []
 
 
 def name_causal_loss(model: PreTrainedModel) -> None:
