@@ -14,7 +14,8 @@ Everything that must survive a restart lives in one :class:`TrainState` (``state
     evaluate -> gather_full_state -> progtrain.grow -> optimizer surgery on the moments (stage option
     ``moments``) -> release -> new optimizer + scheduler -> prepare -> load_moments -> growth masks
     (stage option ``mask_steps``, :mod:`progtrain.train.masks`) -> evaluate
-    -> checkpoint of the grown state (from the growth's result, not gathered back) -> continue
+    -> checkpoint of the grown state (from the growth's result, not gathered back; under ZeRO-3 /
+    FSDP2 from the grown model's shards, each rank its own) -> continue
 
 The LR schedule is per run (linear warm-up, then cosine/linear/constant to ``min_lr_ratio`` at
 ``max_steps``) and a pure function of the global optimizer step, optionally re-warmed after a
