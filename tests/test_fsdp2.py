@@ -209,3 +209,23 @@ def test_two_machines_over_loopback(mode, single_run, tmp_path):
     assert len(a) == len(b) == OVERRIDES["train.max_steps"]
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4
     assert [m["step"] for m in _metrics(tmp_path / "run") if m["event"] == "growth"] == [2, 4]
+
+
+def test_resume_from_unreadable_shards_is_refused():
+    """Another engine's shards, or ZeRO-3's at another world size, stop the resume with one message;
+    FSDP2's DCP files re-shard to any world size."""
+    from types import SimpleNamespace
+
+    from progtrain.train.distributed import Engine
+
+    def engine(kind):
+        e = Engine.__new__(Engine)  # the check reads the engine kind and the world size only
+        e.kind, e.accelerator = kind, SimpleNamespace(num_processes=2)
+        return e
+
+    with pytest.raises(ProgtrainConfigError, match="holds zero3 shards of 2 processes, this run is fsdp2"):
+        engine("fsdp2").check_resume_from_shards("ck", "zero3", 2)
+    with pytest.raises(ProgtrainConfigError, match="and world size"):
+        engine("zero3").check_resume_from_shards("ck", "zero3", 4)
+    engine("fsdp2").check_resume_from_shards("ck", "fsdp2", 4)
+    engine("zero3").check_resume_from_shards("ck", "zero3", 2)

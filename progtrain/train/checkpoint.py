@@ -208,8 +208,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def load_full_model(path: str | os.PathLike, task: str | None = None) -> Any:
     """The full model of a checkpoint in one process (fp32, CPU): ``path/model`` as it is, or a
-    sharded checkpoint's shards consolidated (FSDP2: DCP's tensors read whole; ZeRO-3: DeepSpeed's
-    ``get_fp32_state_dict_from_zero_checkpoint``). ``task`` as for :func:`progtrain.io.load_model`
+    sharded checkpoint's shards consolidated (:func:`progtrain.train.distributed.full_weights_from_shards`).
+    ``task`` as for :func:`progtrain.io.load_model`
     (None: from the config's ``architectures``).
 
     Raises:
@@ -219,21 +219,12 @@ def load_full_model(path: str | os.PathLike, task: str | None = None) -> Any:
 
     from ..errors import ProgtrainConfigError
     from ..io import load_model, model_class_for
-    from . import fsdp
-    from .distributed import ZERO_TAG
+    from .distributed import full_weights_from_shards
 
     p = Path(path)
     if not (p / SHARDED_DIR).is_dir():
         return load_model(str(p / "model"), task=task, dtype="float32")
-    engine = json.loads((p / "state.json").read_text()).get("engine")
-    if engine == "fsdp2":
-        weights = fsdp.load_full_weights(p / SHARDED_DIR)
-    elif engine == "zero3":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(p / SHARDED_DIR), tag=ZERO_TAG)
-    else:
-        raise ProgtrainConfigError(f"{p} holds shards of engine {engine!r}, which progtrain cannot consolidate")
+    weights = full_weights_from_shards(p / SHARDED_DIR, json.loads((p / "state.json").read_text()).get("engine"))
     config = AutoConfig.from_pretrained(p / CONFIG_DIR)
     with init_empty_weights(include_buffers=False):  # buffers as the class computes them (e.g. rotary inv_freq)
         model = model_class_for(config, task)(config)

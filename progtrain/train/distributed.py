@@ -624,6 +624,24 @@ def load_sharded(accelerator: Accelerator, model, optimizer, path: str | os.Path
         raise ProgtrainConfigError(f"sharded checkpoints are read under {' or '.join(SHARDED_KINDS)}, not {kind}")
 
 
+def full_weights_from_shards(path: str | os.PathLike, engine: str | None) -> dict[str, torch.Tensor]:
+    """The full fp32 model tensors (``{name: tensor}``) of what :func:`save_sharded` wrote under
+    ``engine`` (the checkpoint's recorded engine kind), read in one process without a process group:
+    FSDP2's DCP tensors read whole, ZeRO-3's partitions joined by DeepSpeed's
+    ``get_fp32_state_dict_from_zero_checkpoint``.
+
+    Raises:
+        ProgtrainConfigError: ``engine`` writes no shards."""
+    if engine == "fsdp2":
+        return fsdp.load_full_weights(path)
+    if engine == "zero3":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(os.fspath(path), tag=ZERO_TAG))
+    raise ProgtrainConfigError(f"{path} holds shards of engine {engine!r}; progtrain consolidates "
+                               f"{' and '.join(SHARDED_KINDS)} shards only")
+
+
 def zero_param_hooks() -> tuple[Callable[[torch.nn.Parameter], torch.Tensor], Callable[[torch.nn.Parameter, torch.Tensor], None]]:
     """``(get_param, set_param)`` for :class:`UpdateScaler` under DeepSpeed ZeRO-1/2.
 
@@ -748,6 +766,21 @@ class Engine:
     def adam_step(self) -> int:
         """Adam's step count of the prepared optimizer, the same on every rank (collective)."""
         return _state_step(self.accelerator, _base_optimizer(self.optimizer))
+
+    def check_resume_from_shards(self, path, engine: str | None, world_size: int | None) -> None:
+        """Refuse to resume from a sharded checkpoint (written by ``engine`` on ``world_size``
+        processes) that this engine cannot read: another engine's shards, or ZeRO-3's at another world
+        size (DeepSpeed's partitions are per rank; FSDP2's DCP files re-shard).
+
+        Raises:
+            ProgtrainConfigError: naming the checkpoint's engine and world size and what to launch."""
+        if engine == self.kind and (engine != "zero3" or world_size == self.world_size):
+            return
+        raise ProgtrainConfigError(
+            f"--resume: {path} holds {engine} shards of {world_size} processes, this run is {self.kind} on "
+            f"{self.world_size}: launch with the run's engine{' and world size' if engine == 'zero3' else ''}, or "
+            f"start a new run from its consolidated model (progtrain.train.checkpoint.load_full_model, saved, "
+            f"as model.checkpoint)")
 
     def save_sharded(self, path: str | os.PathLike) -> None:
         """:func:`save_sharded` of the prepared model and optimizer (collective)."""

@@ -408,7 +408,8 @@ class ProgressiveTrainer:
             logger.warning("--resume: no checkpoint in %s, starting from the beginning", self.out)
         if resumed is not None:
             c = ckpt.load_checkpoint(resumed)
-            self._check_sharded_resume(c)
+            if c.sharded:
+                self.engine.check_resume_from_shards(resumed, c.state.get("engine"), c.state.get("world_size"))
             # the RNG streams are restored here, before the rebuild: building the model, the optimizer
             # and the engine draws no random numbers (tests/test_resume.py: bit-identical with dropout)
             self.state.load_state_dict(c.train_state(self.acc.process_index))
@@ -432,19 +433,6 @@ class ProgressiveTrainer:
             self._build(model, None, 0)
         self.state.start_clock()
         return resumed
-
-    def _check_sharded_resume(self, c: ckpt.Checkpoint) -> None:
-        """Refuse a resume that cannot read the checkpoint's layout: shards of another engine, a
-        ZeRO-3 checkpoint at another world size, or a full checkpoint under an engine that shards.
-
-        Raises:
-            ProgtrainConfigError: naming the checkpoint's engine and world size and what to launch."""
-        saved, world = c.state.get("engine"), c.state.get("world_size")
-        if c.sharded and (saved != self.engine.kind or (saved == "zero3" and world != self.world)):
-            raise ProgtrainConfigError(
-                f"--resume: {c.path} holds {saved} shards of {world} processes, this run is {self.engine.kind} on "
-                f"{self.world}: launch with the run's engine{' and world size' if saved == 'zero3' else ''}, or "
-                f"resume from the full model (progtrain.train.checkpoint.load_full_model) as model.checkpoint")
 
     def _empty_model(self, config_dir: Path) -> PreTrainedModel:
         """The checkpoint's model class and config, without values (:meth:`Engine.empty_model`)."""
