@@ -311,8 +311,13 @@ def save_checkpoint(
     extra_files: dict[str, str] | None = None,
     overwrite: bool = False,
     carry_from: str | os.PathLike | None = None,
+    max_shard_size: int | str | None = None,
 ) -> Path:
     """Save a standard HF checkpoint (safetensors) atomically, with tokenizer and growth history.
+
+    Weights above ``max_shard_size`` (bytes or e.g. ``"5GB"``; None: transformers' default, 50 GB)
+    are written as several ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json``
+    (``save_pretrained``'s sharding), which ``from_pretrained`` reads as one checkpoint.
 
     ``history`` is written to ``progtrain_growth.json``; ``extra_files`` maps file names to text
     contents (e.g. a model card ``README.md``). ``carry_from``: the source checkpoint directory
@@ -326,7 +331,8 @@ def save_checkpoint(
     model = baked_copy(model)  # parametrised modules are saved as plain tensors
     out = Path(out_dir)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True,
+                              **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if history is not None:

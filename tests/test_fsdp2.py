@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 
 import pytest
+import torch
 import transformers as T
 from _launch import REPO, run_launch
 
@@ -96,14 +98,49 @@ def test_fsdp2_training_loop_grows_like_single(fsdp2_run, single_run):
     assert max((sa[k] - sb[k]).abs().max().item() for k in sb) <= 1e-4
 
 
+def check_sharded_checkpoint(path, engine: str, world: int = 2) -> None:
+    """``path`` is a sharded checkpoint of ``engine``: one shard file per rank, no full model or moments."""
+    assert not (path / "model").exists() and not (path / "optimizer.pt").exists()
+    assert (path / "config" / "config.json").is_file()
+    assert json.loads((path / "state.json").read_text())["engine"] == engine
+    if engine == "fsdp2":
+        found = sorted(p.name for p in (path / "sharded").glob("*.distcp"))
+        assert found == [f"__{r}_0.distcp" for r in range(world)]
+    else:
+        found = sorted(p.name for p in (path / "sharded" / "zero").glob("zero_pp_rank_*_optim_states.pt"))
+        assert found == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+
+
+def same_weights(a, b) -> bool:
+    """Whether two saved final models hold the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 @pytest.mark.slow
-def test_fsdp2_resume_across_growth_is_bit_identical(fsdp2_run, tmp_path):
-    """Stopped right after the first growth (step 3) and resumed: the same loss path, float for float."""
+def test_fsdp2_resume_across_growth_is_bit_identical(fsdp2_run, single_run, tmp_path):
+    """Stopped after the first growth (step 3): every checkpoint is sharded (each rank's DCP shard, no
+    full model); the stage boundary's (step 2) holds the grown model. Resumed from it: the same loss
+    path, float for float, through the second growth, and the same final weights, bit for bit."""
+    from progtrain.train.checkpoint import load_full_model
+
     _train("fsdp2", tmp_path, "--stop-at", "3")
     run = tmp_path / "run"
-    assert (run / "checkpoints" / "step-00000003").is_dir()
+    boundary, last = run / "checkpoints" / "step-00000002", run / "checkpoints" / "step-00000003"
+    for path in (boundary, last):
+        check_sharded_checkpoint(path, "fsdp2")
+    assert json.loads((boundary / "state.json").read_text())["boundary"] is True
+    grown = load_full_model(boundary)  # consolidated in this process from the two ranks' shards
+    assert (grown.config.n_embd, grown.config.n_layer) == (128, 2)
+    ref = T.AutoModelForCausalLM.from_pretrained(single_run / "checkpoints" / "step-00000002" / "model")
+    sa, sb = grown.state_dict(), ref.state_dict()
+    assert sa.keys() == sb.keys() and max((sa[k] - sb[k]).abs().max().item() for k in sb) <= 1e-5
+    shutil.rmtree(last)  # resume from the boundary checkpoint itself
     _train("fsdp2", tmp_path, "--resume")
     assert _train_losses(run) == _train_losses(fsdp2_run)
+    assert same_weights(run / "final", fsdp2_run / "final")
 
 
 def test_fsdp2_refuses_unsupported_launch_options(monkeypatch):
@@ -172,3 +209,23 @@ def test_two_machines_over_loopback(mode, single_run, tmp_path):
     assert len(a) == len(b) == OVERRIDES["train.max_steps"]
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4
     assert [m["step"] for m in _metrics(tmp_path / "run") if m["event"] == "growth"] == [2, 4]
+
+
+def test_resume_from_unreadable_shards_is_refused():
+    """Another engine's shards, or ZeRO-3's at another world size, stop the resume with one message;
+    FSDP2's DCP files re-shard to any world size."""
+    from types import SimpleNamespace
+
+    from progtrain.train.distributed import Engine
+
+    def engine(kind):
+        e = Engine.__new__(Engine)  # the check reads the engine kind and the world size only
+        e.kind, e.accelerator = kind, SimpleNamespace(num_processes=2)
+        return e
+
+    with pytest.raises(ProgtrainConfigError, match="holds zero3 shards of 2 processes, this run is fsdp2"):
+        engine("fsdp2").check_resume_from_shards("ck", "zero3", 2)
+    with pytest.raises(ProgtrainConfigError, match="and world size"):
+        engine("zero3").check_resume_from_shards("ck", "zero3", 4)
+    engine("fsdp2").check_resume_from_shards("ck", "fsdp2", 4)
+    engine("zero3").check_resume_from_shards("ck", "zero3", 2)

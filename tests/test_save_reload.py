@@ -94,3 +94,22 @@ def test_saved_checkpoints_reload_with_plain_transformers(tmp_path):
         assert info[name]["cls"] == cls
         reloaded = torch.load(tmp_path / name / "reloaded.pt")
         assert torch.allclose(reloaded, t, rtol=0, atol=1e-5 * float(t.abs().max())), name
+
+
+def test_sharded_safetensors_with_index_reload_with_plain_transformers(tmp_path):
+    """Past ``max_shard_size`` the final model is sharded safetensors with an index (what a large
+    run's ``final/`` holds at transformers' 50 GB default): plain transformers reloads it whole."""
+    import transformers as T
+
+    model = tiny_model("gpt2")
+    total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    out = save_checkpoint(model, tmp_path / "final", max_shard_size=total // 4)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and not (out / "model.safetensors").exists()
+    assert all((out / f).is_file() for f in shards)
+    reloaded = T.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(1, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model.eval()(input_ids=ids).logits, reloaded(input_ids=ids).logits
+    assert torch.equal(a, b)

@@ -83,9 +83,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, args.output_dir)
     ckpt = Path(args.checkpoint)
+    sharded = (ckpt / "sharded").is_dir()  # a ZeRO-3 / FSDP2 training checkpoint: consolidated below
     if (ckpt / "model" / "config.json").is_file():  # a training checkpoint (OUTPUT/checkpoints/step-N)
         ckpt = ckpt / "model"
-    if not (ckpt / "config.json").is_file():
+    if not sharded and not (ckpt / "config.json").is_file():
         raise ProgtrainConfigError(
             f"{args.checkpoint} is not a checkpoint directory (no config.json): pass OUTPUT/final or "
             f"OUTPUT/checkpoints/step-N of a run"
@@ -95,7 +96,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ProgtrainConfigError(f"--batches must be at least 1, got {batches}")
     data = prepare_data(cfg, cfg.output_dir)
     with transformers_bars_off():
-        model = load_model(str(ckpt), task=cfg.model.task, dtype="float32")
+        if sharded:
+            from .checkpoint import load_full_model
+
+            model = load_full_model(ckpt, task=cfg.model.task)
+        else:
+            model = load_model(str(ckpt), task=cfg.model.task, dtype="float32")
     masked = cfg.model.task == "masked_lm"
     if not masked:
         name_causal_loss(model)

@@ -50,6 +50,10 @@ from .lr_scales import UpdateScaler
 logger = logging.getLogger(__name__)
 
 ENGINE_KINDS = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp2")
+#: engines whose training checkpoints are written shard by shard, each rank its own (:meth:`Engine.save_sharded`)
+SHARDED_KINDS = ("zero3", "fsdp2")
+#: the tag (sub-directory) of a DeepSpeed checkpoint inside a progtrain checkpoint's ``sharded/``
+ZERO_TAG = "zero"
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 _TRUE = ("1", "true", "yes")
 
@@ -238,13 +242,15 @@ def _no_fsdp(accelerator: Accelerator, what: str) -> None:
 
 
 def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler, *, micro_batch_size: int) -> tuple:
+            scheduler, *, micro_batch_size: int, empty: bool = False) -> tuple:
     """(Re)prepare ``model``/``optimizer``/``scheduler`` (``scheduler`` may be None) for the
     accelerator's engine and return them wrapped, in that order.
 
     ``micro_batch_size`` is the per-process batch (samples) of one forward/backward; DeepSpeed needs
     it in its config because dataloaders are prepared once by the engine and never re-prepared at a
-    growth. Call :func:`release` before preparing a grown model.
+    growth. Call :func:`release` before preparing a grown model. ``empty``: ``model`` is an
+    :meth:`Engine.empty_model` whose values a sharded checkpoint loads next (:func:`load_sharded`);
+    under FSDP2 nothing is broadcast then.
     """
     if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise ProgtrainConfigError(f"micro_batch_size={micro_batch_size!r}; give the per-process batch, an int >= 1")
@@ -267,7 +273,7 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.o
     if _is_fsdp2(accelerator):
         model, optimizer = fsdp.shard_model(model, optimizer, device=accelerator.device,
                                             settings=accelerator.progtrain_fsdp2,
-                                            mixed_precision=str(accelerator.mixed_precision))
+                                            mixed_precision=str(accelerator.mixed_precision), from_main=not empty)
         out = accelerator.prepare(optimizer, *([scheduler] if scheduler is not None else []))
         out = (model, *(out if isinstance(out, tuple) else (out,)))
         return out if scheduler is not None else (out[0], out[1], None)
@@ -572,6 +578,70 @@ def full_model_for_save(accelerator: Accelerator, model: torch.nn.Module) -> Pre
     return unwrapped if accelerator.is_main_process else None
 
 
+def save_sharded(accelerator: Accelerator, model, optimizer, path: str | os.PathLike) -> None:
+    """Write the prepared model's and optimizer's state to the directory ``path``, each rank its own
+    shard, through the engine's own sharded format (no rank gathers the full model or moments):
+
+    * FSDP2: ``torch.distributed.checkpoint`` (DCP) of ``{"model": ..., "optimizer": ...}`` from
+      ``torch.distributed.checkpoint.state_dict.get_state_dict`` (DTensor shards by FQN), the format
+      accelerate's FSDP2 ``save_state`` writes with ``SHARDED_STATE_DICT``: one ``__<rank>_0.distcp``
+      per rank and a ``.metadata``;
+    * ZeRO-3: DeepSpeed's ``save_checkpoint`` (what accelerate's ``save_state`` calls under
+      DeepSpeed), tag :data:`ZERO_TAG`: one ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` per rank
+      (fp32 partitions and their Adam state) and ``mp_rank_00_model_states.pt`` (buffers, shapes).
+
+    ``path`` must be on a file system every rank sees. Collective: every rank calls it.
+
+    Raises:
+        ProgtrainConfigError: the engine keeps full state on every rank (see :data:`SHARDED_KINDS`)."""
+    kind = engine_kind(accelerator)
+    if kind == "fsdp2":
+        fsdp.save_sharded(accelerator.unwrap_model(model), _base_optimizer(optimizer), path)
+    elif kind == "zero3":
+        model.save_checkpoint(os.fspath(path), tag=ZERO_TAG)
+    else:
+        raise ProgtrainConfigError(f"sharded checkpoints are written under {' or '.join(SHARDED_KINDS)}, not {kind}")
+
+
+def load_sharded(accelerator: Accelerator, model, optimizer, path: str | os.PathLike) -> None:
+    """Load what :func:`save_sharded` wrote into the prepared ``model`` and ``optimizer`` (built for
+    the same model config, e.g. from :meth:`Engine.empty_model`), each rank reading its shard: the
+    parameters, the buffers, Adam's moments and step count, bit for bit. FSDP2 re-shards a checkpoint
+    written with another world size; ZeRO-3 needs the same one. Collective.
+
+    Raises:
+        ProgtrainConfigError: nothing loadable at ``path``, or the engine keeps full state."""
+    kind = engine_kind(accelerator)
+    if kind == "fsdp2":
+        fsdp.load_sharded(accelerator.unwrap_model(model), _base_optimizer(optimizer), path)
+    elif kind == "zero3":
+        loaded, _ = model.load_checkpoint(os.fspath(path), tag=ZERO_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ProgtrainConfigError(f"no DeepSpeed checkpoint (tag {ZERO_TAG!r}) in {path}; the checkpoint is "
+                                       f"incomplete: resume from an earlier one (delete this one)")
+    else:
+        raise ProgtrainConfigError(f"sharded checkpoints are read under {' or '.join(SHARDED_KINDS)}, not {kind}")
+
+
+def full_weights_from_shards(path: str | os.PathLike, engine: str | None) -> dict[str, torch.Tensor]:
+    """The full fp32 model tensors (``{name: tensor}``) of what :func:`save_sharded` wrote under
+    ``engine`` (the checkpoint's recorded engine kind), read in one process without a process group:
+    FSDP2's DCP tensors read whole, ZeRO-3's partitions joined by DeepSpeed's
+    ``get_fp32_state_dict_from_zero_checkpoint``.
+
+    Raises:
+        ProgtrainConfigError: ``engine`` writes no shards."""
+    if engine == "fsdp2":
+        return fsdp.load_full_weights(path)
+    if engine == "zero3":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(os.fspath(path), tag=ZERO_TAG))
+    raise ProgtrainConfigError(f"{path} holds shards of engine {engine!r}; progtrain consolidates "
+                               f"{' and '.join(SHARDED_KINDS)} shards only")
+
+
 def zero_param_hooks() -> tuple[Callable[[torch.nn.Parameter], torch.Tensor], Callable[[torch.nn.Parameter, torch.Tensor], None]]:
     """``(get_param, set_param)`` for :class:`UpdateScaler` under DeepSpeed ZeRO-1/2.
 
@@ -680,12 +750,61 @@ class Engine:
 
     # .................................................................. life cycle
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
-                micro_batch_size: int) -> tuple:
+                micro_batch_size: int, empty: bool = False) -> tuple:
         """:func:`prepare` the three objects, keep them, and return them."""
         self.model, self.optimizer, self.scheduler = prepare(
-            self.accelerator, model, optimizer, scheduler, micro_batch_size=micro_batch_size)
+            self.accelerator, model, optimizer, scheduler, micro_batch_size=micro_batch_size, empty=empty)
         self.named_params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
         return self.model, self.optimizer, self.scheduler
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether training checkpoints are written shard by shard (:meth:`save_sharded`; ZeRO-3,
+        FSDP2) rather than as the full model and moments (one process, DDP, ZeRO-1/2)."""
+        return self.kind in SHARDED_KINDS
+
+    def adam_step(self) -> int:
+        """Adam's step count of the prepared optimizer, the same on every rank (collective)."""
+        return _state_step(self.accelerator, _base_optimizer(self.optimizer))
+
+    def check_resume_from_shards(self, path, engine: str | None, world_size: int | None) -> None:
+        """Refuse to resume from a sharded checkpoint (written by ``engine`` on ``world_size``
+        processes) that this engine cannot read: another engine's shards, or ZeRO-3's at another world
+        size (DeepSpeed's partitions are per rank; FSDP2's DCP files re-shard).
+
+        Raises:
+            ProgtrainConfigError: naming the checkpoint's engine and world size and what to launch."""
+        if engine == self.kind and (engine != "zero3" or world_size == self.world_size):
+            return
+        raise ProgtrainConfigError(
+            f"--resume: {path} holds {engine} shards of {world_size} processes, this run is {self.kind} on "
+            f"{self.world_size}: launch with the run's engine{' and world size' if engine == 'zero3' else ''}, or "
+            f"start a new run from its consolidated model (progtrain.train.checkpoint.load_full_model, saved, "
+            f"as model.checkpoint)")
+
+    def save_sharded(self, path: str | os.PathLike) -> None:
+        """:func:`save_sharded` of the prepared model and optimizer (collective)."""
+        save_sharded(self.accelerator, self.model, self.optimizer, path)
+
+    def load_sharded(self, path: str | os.PathLike) -> None:
+        """:func:`load_sharded` into the prepared model and optimizer (collective)."""
+        load_sharded(self.accelerator, self.model, self.optimizer, path)
+
+    def empty_model(self, cls: type, config) -> PreTrainedModel:
+        """A ``cls(config)`` to :meth:`prepare` with ``empty=True`` before :meth:`load_sharded`: no
+        initialisation and no random numbers drawn (a resumed run's RNG streams stay as restored),
+        buffers computed as the class does. Under FSDP2 its parameters are on the meta device (no
+        memory); under ZeRO-3, which partitions real tensors, uninitialised CPU tensors."""
+        model = fsdp.meta_skeleton(cls, config, include_buffers=False)
+        if self.kind != "fsdp2":
+            for module in model.modules():
+                for name, p in list(module.named_parameters(recurse=False)):
+                    if p.is_meta:
+                        module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                                      requires_grad=p.requires_grad)
+            if hasattr(model, "tie_weights"):
+                model.tie_weights()
+        return model
 
     def load_moments(self, moments: dict[str, dict[str, torch.Tensor]], step: int) -> None:
         """:func:`load_moments` into the prepared optimizer."""

@@ -14,7 +14,8 @@ Everything that must survive a restart lives in one :class:`TrainState` (``state
     evaluate -> gather_full_state -> progtrain.grow -> optimizer surgery on the moments (stage option
     ``moments``) -> release -> new optimizer + scheduler -> prepare -> load_moments -> growth masks
     (stage option ``mask_steps``, :mod:`progtrain.train.masks`) -> evaluate
-    -> checkpoint of the grown state (from the growth's result, not gathered back) -> continue
+    -> checkpoint of the grown state (from the growth's result, not gathered back; under ZeRO-3 /
+    FSDP2 from the grown model's shards, each rank its own) -> continue
 
 The LR schedule is per run (linear warm-up, then cosine/linear/constant to ``min_lr_ratio`` at
 ``max_steps``) and a pure function of the global optimizer step, optionally re-warmed after a
@@ -424,12 +425,19 @@ class ProgressiveTrainer:
             logger.warning("--resume: no checkpoint in %s, starting from the beginning", self.out)
         if resumed is not None:
             c = ckpt.load_checkpoint(resumed)
+            if c.sharded:
+                self.engine.check_resume_from_shards(resumed, c.state.get("engine"), c.state.get("world_size"))
             # the RNG streams are restored here, before the rebuild: building the model, the optimizer
             # and the engine draws no random numbers (tests/test_resume.py: bit-identical with dropout)
             self.state.load_state_dict(c.train_state(self.acc.process_index))
             self.last_ckpt = str(resumed)
-            model = load_model(str(resumed / "model"), task=self.cfg.model.task, dtype="float32")
-            self._build(model, c.moments, c.state["opt_step"])
+            if c.sharded:  # ZeRO-3 / FSDP2: every rank reads its own shard into an empty model
+                model = self._empty_model(resumed / ckpt.CONFIG_DIR)
+                self._build(model, None, 0, empty=True)
+                self.engine.load_sharded(resumed / ckpt.SHARDED_DIR)
+            else:
+                model = load_model(str(resumed / "model"), task=self.cfg.model.task, dtype="float32")
+                self._build(model, c.moments, c.state["opt_step"])
             self._enter_stage(model)
             if self.acc.is_main_process:
                 st = self.state.stage
@@ -443,6 +451,16 @@ class ProgressiveTrainer:
             self._build(model, None, 0)
         self.state.start_clock()
         return resumed
+
+    def _empty_model(self, config_dir: Path) -> PreTrainedModel:
+        """The checkpoint's model class and config, without values (:meth:`Engine.empty_model`)."""
+        from transformers import AutoConfig, GenerationConfig
+
+        config = AutoConfig.from_pretrained(config_dir)
+        model = self.engine.empty_model(model_class_for(config, self.cfg.model.task), config)
+        if (config_dir / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(config_dir)
+        return model
 
     def _make_loaders(self) -> Iterator[dict]:
         """Prepare the training loader from the data position on, and the held-out one; returns the
@@ -488,8 +506,9 @@ class ProgressiveTrainer:
             self._log(event="eval", val_loss=val, val_ppl=perplexity(val))
 
     # .................................................................. model state
-    def _build(self, model: PreTrainedModel, moments: dict | None, opt_step: int) -> None:
-        """Optimizer + scheduler for ``model``, prepared; moments loaded when given."""
+    def _build(self, model: PreTrainedModel, moments: dict | None, opt_step: int, empty: bool = False) -> None:
+        """Optimizer + scheduler for ``model``, prepared; moments loaded when given. ``empty``: ``model``
+        holds no values yet (a sharded checkpoint is loaded into the prepared engine next)."""
         cfg = self.cfg
         model.train()
         if cfg.model.task == "causal_lm":
@@ -502,7 +521,7 @@ class ProgressiveTrainer:
         self._apply_trainable(model)
         opt = make_optimizer(model, cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: lr_factor(cfg, self.state.step))
-        self.engine.prepare(model, opt, sched, micro_batch_size=self.micro)
+        self.engine.prepare(model, opt, sched, micro_batch_size=self.micro, empty=empty)
         if moments is not None:
             self.engine.load_moments(moments, opt_step)
 
@@ -597,12 +616,17 @@ class ProgressiveTrainer:
         state.lr_scales = None
         state.masks = self._mask_spec(st, res)
         state.history.append(dict(res.record, stage=idx, stage_name=st.name, step=state.step))
-        grown = FullState(self.engine.keep_for_save(res.model), moments, full.step)
+        # a sharded engine writes the boundary checkpoint from the grown model's shards: nothing is kept
+        grown = None if self.engine.sharded_checkpoints else FullState(self.engine.keep_for_save(res.model), moments,
+                                                                       full.step)
+        step = full.step
         del full
         self.engine.release()
         state.stage = idx
-        self._build(res.model, moments, grown.step)
+        self._build(res.model, moments, step)
+        del moments
         self._enter_stage(res.model)
+        res.model = None  # the engine holds the grown model (FSDP2: a sharded copy; the full one is freed here)
         growth_s = time.perf_counter() - t0  # gather, grow, optimizer surgery, rebuild; not the two evaluations
         after = self._eval() if self.val_dl is not None else None
         # exact: the grown model's measured deviation without masks; masked: new structure enters through masks
@@ -645,7 +669,20 @@ class ProgressiveTrainer:
 
     def _checkpoint(self, boundary: bool = False, full: FullState | None = None) -> None:
         """Checkpoint the run: ``full`` (a stage boundary's grown state) or the engine's state gathered
-        now (collective), with the :class:`TrainState` and every rank's RNG streams."""
+        now (collective), with the :class:`TrainState` and every rank's RNG streams. A sharded engine
+        (ZeRO-3, FSDP2) writes its shards instead, each rank its own, and gathers nothing."""
+        if self.engine.sharded_checkpoints:
+            sd = self.state.state_dict()
+            rng = gather_object([sd.pop("rng")])
+            state = {**sd, "boundary": boundary, "world_size": self.world, "engine": self.engine.kind,
+                     "schedule": self.cfg.schedule()}
+            path = ckpt.save_sharded_checkpoint(self.out, engine=self.engine, model=self.acc.unwrap_model(self.engine.model),
+                                                opt_step=self.engine.adam_step(), state=state, rng=rng)
+            self.last_ckpt = str(path)
+            if self.acc.is_main_process:
+                ckpt.prune_checkpoints(self.out, self.cfg.train.keep_checkpoints)
+            self.acc.wait_for_everyone()
+            return
         full = full if full is not None else self.engine.gather_full_state(main_only=True)
         sd = self.state.state_dict()
         rng = gather_object([sd.pop("rng")])

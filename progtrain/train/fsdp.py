@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -118,14 +119,16 @@ def _block_classes(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def meta_skeleton(cls: type, config, *, like: torch.nn.Module | None = None) -> torch.nn.Module:
-    """A ``cls(config)`` whose parameters and buffers are on the meta device (no memory), ties made;
-    ``like``'s train/eval mode and generation config when given."""
+def meta_skeleton(cls: type, config, *, like: torch.nn.Module | None = None,
+                  include_buffers: bool = True) -> torch.nn.Module:
+    """A ``cls(config)`` whose parameters (and buffers, unless ``include_buffers`` is False: then they
+    are built on the CPU with their values, e.g. rotary ``inv_freq``) are on the meta device (no
+    memory), ties made; ``like``'s train/eval mode and generation config when given."""
     import copy
 
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=True):
+    with init_empty_weights(include_buffers=include_buffers):
         model = cls(copy.deepcopy(config))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -149,7 +152,8 @@ def _broadcast_from_main(t: torch.Tensor | None, shape, dtype, device) -> torch.
 
 
 def shard_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
-                settings: Fsdp2Settings, mixed_precision: str = "no") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+                settings: Fsdp2Settings, mixed_precision: str = "no",
+                from_main: bool = True) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The sharded copy of ``model`` over all processes, and ``optimizer`` pointed at its parameters.
 
     The values come from the MAIN process (rank 0): there ``model`` holds the full weights; on the
@@ -163,6 +167,10 @@ def shard_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, dev
     ``optimizer`` must be built on ``model``'s parameters and hold no state yet. ``mixed_precision``
     ``"bf16"`` computes in bf16 and reduces gradients in fp32 (fp32 master weights stay sharded).
     Collective: every rank calls it. Returns ``(sharded model, optimizer)``.
+
+    ``from_main=False`` (resuming from a sharded checkpoint, which then loads the shards): every rank
+    passes a :func:`meta_skeleton` with real buffers (``include_buffers=False``); the parameters'
+    local shards are left uninitialised (no broadcast) and the buffers are copied from ``model``.
 
     Raises:
         ProgtrainConfigError: the optimizer already holds state or names parameters the model lacks,
@@ -196,11 +204,14 @@ def shard_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, dev
     src_params = dict(model.named_parameters())
     src_buffers = dict(model.named_buffers())
     with torch.no_grad():
-        for name, p in sharded.named_parameters():
+        for name, p in sharded.named_parameters() if from_main else ():
             full = _broadcast_from_main(src_params[name] if main else None, tuple(p.shape), p.dtype, device)
             p.to_local().copy_(distribute_like(full, p).to_local())
             del full
         for name, b in list(sharded.named_buffers()):
+            if not from_main:
+                b.copy_(src_buffers[name].to(device=b.device, dtype=b.dtype))
+                continue
             full = _broadcast_from_main(src_buffers[name] if main else None, tuple(b.shape), b.dtype, device)
             b.copy_(full)
     new = dict(sharded.named_parameters())
@@ -225,3 +236,43 @@ def distribute_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
     value = value.to(device=like.device, dtype=like.dtype)
     return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
+    """Write the sharded ``model``'s and ``optimizer``'s state under the directory ``path`` with
+    ``torch.distributed.checkpoint``: each rank its own shards (``__<rank>_0.distcp``), the main
+    process the ``.metadata``. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=os.fspath(path))
+
+
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
+    """Load what :func:`save_sharded` wrote into the sharded ``model`` and its ``optimizer`` (any
+    world size: DCP re-shards). The optimizer's state is created first by torch's
+    ``get_state_dict`` (one step with zero gradients at learning rate 0, which moves no parameter)
+    and then overwritten. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    sd = {"model": msd, "optimizer": osd}
+    dcp.load(sd, checkpoint_id=os.fspath(path))
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+
+
+def load_full_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The full model tensors (``{name: tensor}``, as saved) of a :func:`save_sharded` directory, in
+    one process without a process group (e.g. to inspect or convert a checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
+    sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()
+          if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is what is meant here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=os.fspath(path), no_dist=True)
+    return {k[len("model."):]: v for k, v in sd.items()}

@@ -132,20 +132,64 @@ def grow_moments(
             out[name] = {key: torch.zeros(pmap.shape, dtype=torch.float32) for key in MOMENT_KEYS}
             continue
         m, v = old["exp_avg"].detach().float().cpu(), old["exp_avg_sq"].detach().float().cpu()
-        src, s, k = element_sources(pmap, tuple(m.shape))
-        born = src < 0
-        gm = m.flatten()[src.clamp(min=0)].double()
-        gv = v.flatten()[src.clamp(min=0)].double()
+        out[name] = _grow_moment_pair(pmap, m, v, mode)
+    return out
+
+
+#: grown elements mapped at once by :func:`_grow_moment_pair` (its float64 temporaries: ~40 bytes each)
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _grow_moment_pair(pmap: ParamMap, m: torch.Tensor, v: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
+    """``exp_avg``/``exp_avg_sq`` of one grown parameter from its source's ``m``/``v`` (fp32), the values
+    :func:`element_sources` and :func:`_split_factor` give, computed from the axis plans (an element's
+    source, scale ``s`` and copy count ``k`` are products over the axes) a block of rows at a time: the
+    memory beyond the two fp32 results is bounded by :data:`_CHUNK_ELEMENTS`, not by the parameter."""
+    if pmap.new_layer:
+        return {key: torch.zeros(pmap.shape, dtype=torch.float32) for key in MOMENT_KEYS}
+    ndim = len(pmap.shape)
+    axes = []  # per axis: (source index clamped, copy count k_a (0 = born), scale s_a float64) or None
+    for axis in range(ndim):
+        plan = pmap.plans[axis] if axis < len(pmap.plans) else None
+        if plan is None:
+            axes.append(None)
+            continue
+        counts = torch.bincount(plan.src[plan.src >= 0], minlength=m.shape[axis])
+        k = torch.where(plan.src < 0, torch.zeros((), dtype=torch.long), counts[plan.src.clamp(min=0)])
+        axes.append((plan.src.clamp(min=0), k, plan.scale.double()))
+    gm_out, gv_out = torch.empty(pmap.shape, dtype=torch.float32), torch.empty(pmap.shape, dtype=torch.float32)
+    if ndim == 0:
+        gm_out.copy_(m), gv_out.copy_(v)
+        return {"exp_avg": gm_out, "exp_avg_sq": gv_out}
+    row = max(1, gm_out[0].numel())
+    step = max(1, _CHUNK_ELEMENTS // row)
+    for r0 in range(0, pmap.shape[0], step):
+        rows = slice(r0, min(r0 + step, pmap.shape[0]))
+        gm, gv = m, v
+        k = torch.ones((), dtype=torch.long)
+        s = torch.ones((), dtype=torch.float64)
+        for axis, a in enumerate(axes):
+            if axis == 0:
+                idx = a[0][rows] if a is not None else torch.arange(rows.start, rows.stop)
+                gm, gv = gm.index_select(0, idx), gv.index_select(0, idx)
+            elif a is not None:
+                gm, gv = gm.index_select(axis, a[0]), gv.index_select(axis, a[0])
+            if a is None:
+                continue
+            shape = [1] * ndim
+            shape[axis] = -1
+            k_a, s_a = (a[1][rows], a[2][rows]) if axis == 0 else (a[1], a[2])
+            k, s = k * k_a.view(shape), s * s_a.view(shape)
+        born = (k == 0).expand(gm.shape)
+        gm, gv = gm.double(), gv.double()
         if mode == "split":
-            c = _split_factor(s, k)
+            c = torch.where(born, torch.zeros((), dtype=torch.float64), 1.0 / (k.double() * s))
             gm, gv = gm * c, gv * c * c
         elif mode == "reset":
             born = born | (k > 1)
-        out[name] = {
-            "exp_avg": gm.masked_fill(born, 0.0).float(),
-            "exp_avg_sq": gv.masked_fill(born, 0.0).float(),
-        }
-    return out
+        gm_out[rows] = gm.masked_fill(born, 0.0).float()
+        gv_out[rows] = gv.masked_fill(born, 0.0).float()
+    return {"exp_avg": gm_out, "exp_avg_sq": gv_out}
 
 
 def update_scales(param_maps: Mapping[str, ParamMap], old_shapes: Mapping[str, tuple[int, ...]],
