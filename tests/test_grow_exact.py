@@ -1,123 +1,19 @@
-"""Function preservation of every operator, alone and combined, on every supported family."""
+"""Function preservation: operator-specific checks (tied heads, GQA regrouping, layer types, epsilon,
+parametrised weights, width-dependent family maths). Every operator on every family: test_conformance.py."""
 
 import copy
-import functools
 
 import pytest
 import torch
 
 from progtrain import grow
 from progtrain.arch import get_adapter
-from progtrain.verify import measure_deviation
-from tiny_models import LLAMA_LIKE_TINY, TABLE, table_model, tiny_model
+from tiny_models import TABLE, table_model, tiny_model
 
 TOL = 1e-5  # max |dlogits| relative to max |logits|, fp32
 
-OPS = {
-    "hidden_x2": dict(hidden_size=64),
-    "hidden_x1.5": dict(hidden_size=48),
-    "heads": dict(num_heads=8),
-    "ffn": dict(intermediate_size=160),
-    "depth_interleave": dict(num_layers=4),
-    "depth_top": dict(num_layers=3, layer_placement="top"),
-    "depth_idx": dict(num_layers=4, layer_placement=[0, 3]),
-    "all": dict(hidden_size=64, num_heads=8, intermediate_size=192, num_layers=4),
-}
-
-# where head_dim is tied to hidden/heads (no head_dim config key), "heads" alone would shrink it
-TIED_HD_HEADS = dict(hidden_size=64, num_heads=8)
-# rotary families whose head_dim is hidden/heads: heads follow the width
-ROTARY_TIED_HD = ("gpt_neox", "gptj")
-
-
-def _variants():
-    for fam in ("gpt2", "bert"):
-        for tie in (True, False):
-            for head in (True, False):
-                yield fam, dict(tie=tie, head=head)
-    for fam in ("llama", "mistral", "qwen2"):
-        for kv in (4, 2, 1):  # GQA ratios 1, 2, 4
-            yield fam, dict(kv=kv, tie=kv == 2, bias=kv == 1)
-        yield fam, dict(kv=2, head=False)
-    yield "gpt_neox", dict(tie=False)
-    yield "gpt_neox", dict(head=False)
-    for fam, (_, _, _, _, gqa, _) in TABLE.items():
-        if gqa:
-            for kv in (4, 2, 1):  # GQA ratios 1, 2, 4; tied and untied; biases on and off
-                yield fam, dict(kv=kv, tie=kv == 2, bias=kv == 1)
-        else:
-            for tie in (True, False):
-                yield fam, dict(tie=tie)
-        yield fam, dict(head=False)
-    for fam in LLAMA_LIKE_TINY:
-        for kv in (4, 2, 1):  # GQA ratios 1, 2, 4
-            yield fam, dict(kv=kv, tie=kv == 2, bias=kv == 1)
-        yield fam, dict(kv=2, head=False)
-
-
-def _ops_for(fam):
-    for name, kw in OPS.items():
-        if name == "heads" and not _head_dim_is_free(fam):
-            kw = TIED_HD_HEADS
-        if fam in ROTARY_TIED_HD and name == "all":
-            kw = {k: v for k, v in kw.items() if k != "num_heads"}  # rotary: heads follow the width
-        yield name, kw
-
-
-@functools.lru_cache(maxsize=None)
-def _head_dim_is_free(fam):
-    return get_adapter(tiny_model(fam).config).head_dim_is_free()
-
-
-CASES = [(fam, var, name, kw) for fam, var in _variants() for name, kw in _ops_for(fam)]
-
-# (family, op) growths approximate by construction beyond the post-norm / fixed-epsilon rules of
-# _expected_exact, with the reason the growth reports
-APPROXIMATE = {
-    **{("olmo2", op): "normalises its query projection over all heads" for op in ("heads", "all")},
-}
-
-
-def _expected_exact(fam, op, kw, model):
-    """Post-norm families are approximate for non-integer widening and depth, families whose norm
-    epsilon is fixed for non-integer widening; the rest is exact unless listed in APPROXIMATE."""
-    adapter = get_adapter(model)
-    post_norm = not adapter.pre_norm
-    nonint = kw.get("hidden_size") == 48
-    depth = "num_layers" in kw
-    fixed_eps = not adapter.config_keys.get("norm_eps")  # eps cannot follow a non-integer widening
-    if (post_norm and (nonint or depth)) or (fixed_eps and nonint):
-        return False
-    return (fam, op) not in APPROXIMATE
-
-
-@pytest.mark.parametrize("fam,var,op,kw", CASES, ids=[f"{f}-{'-'.join(f'{k}{v}' for k, v in v.items())}-{o}" for f, v, o, _ in CASES])
-def test_growth_preserves_function(fam, var, op, kw):
-    model = tiny_model(fam, **var)
-    res = grow(model, **kw, seed=1)
-    dev = res.deviation
-    assert res.exact == _expected_exact(fam, op, kw, model), res.notes
-    if (fam, op) in APPROXIMATE:
-        assert any(APPROXIMATE[fam, op] in n for n in res.notes), res.notes
-    # the reported deviation is what an independent measurement gives
-    again = measure_deviation(model, res.model, maps=res.maps, seed=1)
-    assert again["max_abs"] == pytest.approx(dev["max_abs"], rel=1e-6, abs=1e-12)
-    if res.exact:
-        assert dev["rel"] <= TOL, dev
-    else:
-        assert dev["rel"] > TOL  # a real, reported deviation
-        assert res.notes
-    # same class, new config, sizes as requested
-    assert type(res.model) is type(model)
-    tgt = res.target_sizes
-    for key, val in kw.items():
-        if key in ("hidden_size", "intermediate_size"):
-            assert getattr(tgt, {"hidden_size": "hidden", "intermediate_size": "ffn"}[key]) == val
-        if key == "num_layers":
-            assert tgt.layers == val
-    assert sum(p.numel() for p in res.model.parameters()) > sum(p.numel() for p in model.parameters())
-    # the source model is untouched
-    assert all(not p.is_meta for p in model.parameters())
+# Every operator on every family's tiny configs (exactness, save and reload, generation, eager vs sdpa) is
+# the conformance suite's (tests/test_conformance.py); this file keeps the operator-specific checks.
 
 
 def test_random_strategy_is_not_exact_and_keeps_old_entries():

@@ -14,6 +14,7 @@ from .base import (
     get_adapter,
     has_tied_head,
     register_adapter,
+    registered_adapters,
     supported_model_types,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "get_adapter",
     "has_tied_head",
     "register_adapter",
+    "registered_adapters",
     "supported_model_types",
 ]

@@ -187,6 +187,54 @@ def hf_size_keys(**overrides: str | None) -> dict[str, str | None]:
     return {**keys, **overrides}
 
 
+#: The sizes of every tiny test config with transformers' standard keys: 32 wide, 4 heads of 8, 64 FFN
+#: units, 2 layers, a vocabulary of 101 (every special token id fits).
+TINY_SIZES: dict[str, int] = dict(
+    hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=101
+)
+
+#: The model tasks a :class:`TinyConfig` may name: the transformers auto class the conformance suite builds.
+TINY_TASKS = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM"}
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """A tiny config of a family for the shared conformance suite (``tests/test_conformance.py``, after
+    transformers' ``ModelTester`` pattern): the suite builds ``AutoConfig.for_model(model_type,
+    **config)``, a perturbed model of the task's auto class, and runs every growth operator on it
+    (exactness, save and reload, greedy ``generate()`` or encoder outputs, eager vs sdpa).
+
+    Attributes:
+        name: short id used in test names (``kv2-tied``).
+        config: keyword arguments of the family's config class (tied / untied head, biases, GQA ratio).
+        task: a key of :data:`TINY_TASKS`: ``"causal-lm"`` (greedy generation with the KV cache is
+            checked) or ``"masked-lm"`` (an encoder: masked-LM outputs under padding are checked).
+    """
+
+    name: str
+    config: dict[str, Any]
+    task: str = "causal-lm"
+
+    def __post_init__(self) -> None:
+        if self.task not in TINY_TASKS:
+            raise ValueError(
+                f"TinyConfig {self.name!r}: task must be one of {', '.join(TINY_TASKS)}, got {self.task!r}"
+            )
+
+
+def gqa_tiny_configs(bias_keys: tuple[str, ...] = (), **config: Any) -> tuple[TinyConfig, ...]:
+    """The tiny configs of a grouped-query-attention family with transformers' standard size keys
+    (:data:`TINY_SIZES`, then ``config``): 4 query heads with 4, 2 and 1 key/value heads (GQA ratios 1,
+    2 and 4); the first has an untied head, the second a tied one, the third an untied head and the
+    biases named by ``bias_keys`` switched on."""
+    out = []
+    for kv, tie, bias in ((4, False, False), (2, True, False), (1, False, True)):
+        name = f"kv{kv}" + ("-tied" if tie else "") + ("-bias" if bias and bias_keys else "")
+        kw = {**TINY_SIZES, "num_key_value_heads": kv, "tie_word_embeddings": tie, **config}
+        out.append(TinyConfig(name, {**kw, **{k: bias for k in bias_keys}}))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Sizes:
     """The growable sizes of a model. ``head_dim`` is per attention head; ``ffn`` is the number of
@@ -269,6 +317,9 @@ class ArchAdapter:
             norm divides out any row scale but the epsilon, so a non-integer widening, which scales
             ``norm_eps`` by d/D, scales the ``q``/``k`` rows by sqrt(d/D) to keep them exact; and a
             changed attention scale cannot be put on the query rows (reported approximate).
+        tiny_configs: the family's tiny test configs (:class:`TinyConfig`: tied and untied heads, biases,
+            GQA ratios where the family has them), on which the shared conformance suite runs every
+            operator; the first causal-LM one is the smallest, used for the generation checks.
     """
 
     name: str
@@ -292,6 +343,7 @@ class ArchAdapter:
     hidden_follow_keys: tuple[str, ...] = ()
     for_config: Callable[["ArchAdapter", PretrainedConfig], "ArchAdapter"] | None = None
     qk_norm: str | None = None
+    tiny_configs: tuple[TinyConfig, ...] = ()
     _layer_re: re.Pattern | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -550,6 +602,11 @@ def register_adapter(adapter: ArchAdapter) -> ArchAdapter:
     for t in adapter.model_types:
         _REGISTRY[t] = adapter
     return adapter
+
+
+def registered_adapters() -> list[ArchAdapter]:
+    """Every registered adapter once, in registration order (one may serve several model types)."""
+    return list({id(a): a for a in _REGISTRY.values()}.values())
 
 
 def supported_model_types() -> list[str]:

@@ -2,7 +2,9 @@
 types, an embedding LayerNorm, a pooler, and the MLM transform head whose decoder is tied to the
 word embeddings. head_dim = hidden_size / num_attention_heads."""
 
-from .base import ArchAdapter, ConfigOption, P, hf_size_keys, register_adapter
+from .base import TINY_SIZES, ArchAdapter, ConfigOption, P, TinyConfig, hf_size_keys, register_adapter
+
+_TINY = dict(TINY_SIZES, max_position_embeddings=64)
 
 BERT = register_adapter(
     ArchAdapter(
@@ -65,5 +67,10 @@ BERT = register_adapter(
                 allowed=("absolute", None),
             ),
         },
+        tiny_configs=(
+            TinyConfig("mlm-tied", dict(_TINY, tie_word_embeddings=True), task="masked-lm"),
+            TinyConfig("mlm-untied", dict(_TINY, tie_word_embeddings=False), task="masked-lm"),
+            TinyConfig("decoder", dict(_TINY, is_decoder=True)),  # BertLMHeadModel: causal mask, KV cache
+        ),
     )
 )

@@ -11,7 +11,7 @@ import math
 
 from transformers import PretrainedConfig
 
-from .base import ArchAdapter, ConfigOption, ParamSpec, register_adapter
+from .base import ArchAdapter, ConfigOption, ParamSpec, gqa_tiny_configs, register_adapter
 from .llama import llama_like
 
 
@@ -56,4 +56,6 @@ def gemma_like(
     )
 
 
-GEMMA = register_adapter(gemma_like("gemma", ("gemma",)))
+GEMMA = register_adapter(
+    gemma_like("gemma", ("gemma",), tiny_configs=gqa_tiny_configs(("attention_bias",), head_dim=8))
+)

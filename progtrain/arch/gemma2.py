@@ -7,7 +7,7 @@ or full attention per layer (``layer_types``, rebuilt on depth growth)."""
 
 from __future__ import annotations
 
-from .base import ConfigOption, P, register_adapter
+from .base import ConfigOption, P, gqa_tiny_configs, register_adapter
 from .gemma import gemma_like, query_pre_attn_scalar_scale
 
 #: The pre/post norm pair around the FFN (Gemma 2 and 3).
@@ -49,5 +49,11 @@ GEMMA2 = register_adapter(
         GEMMA2_OPTIONS,
         without_options=("hidden_act",),  # hidden_activation instead
         attention_scale=query_pre_attn_scalar_scale,
+        # a window of 4 (the 64-token probe and the generation cross it), softcaps small enough to bend the
+        # scores and logits, an attention scale that is not 1/sqrt(head_dim)
+        tiny_configs=gqa_tiny_configs(
+            ("attention_bias",), head_dim=8, sliding_window=4, query_pre_attn_scalar=16,
+            attn_logit_softcapping=2.0, final_logit_softcapping=5.0,
+        ),
     )
 )

@@ -6,7 +6,7 @@ multimodal ``Gemma3ForConditionalGeneration`` (``model_type="gemma3"``) is not d
 
 from __future__ import annotations
 
-from .base import ConfigOption, P, register_adapter
+from .base import ConfigOption, P, gqa_tiny_configs, register_adapter
 from .gemma import gemma_like, query_pre_attn_scalar_scale
 from .gemma2 import GEMMA2_OPTIONS, SANDWICH_NORMS
 
@@ -28,5 +28,9 @@ GEMMA3_TEXT = register_adapter(
         },
         without_options=("hidden_act",),  # hidden_activation instead
         attention_scale=query_pre_attn_scalar_scale,
+        tiny_configs=gqa_tiny_configs(
+            ("attention_bias",), head_dim=8, sliding_window=4, query_pre_attn_scalar=16, final_logit_softcapping=5.0,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
     )
 )

@@ -3,7 +3,10 @@ pre-LayerNorm, learned positions, head_dim = n_embd / n_head, LM head tied to ``
 
 from transformers import PretrainedConfig
 
-from .base import ArchAdapter, ConfigOption, P, register_adapter
+from .base import ArchAdapter, ConfigOption, P, TinyConfig, register_adapter
+
+
+_TINY = dict(n_embd=32, n_head=4, n_layer=2, vocab_size=101, n_positions=64, bos_token_id=1, eos_token_id=1)
 
 
 def gpt2_attention_scale(config: PretrainedConfig, layer: int, head_dim: int) -> float:
@@ -74,5 +77,11 @@ GPT2 = register_adapter(
                 allowed=(False,),
             ),
         },
+        tiny_configs=(
+            TinyConfig("tied", dict(_TINY, tie_word_embeddings=True)),
+            TinyConfig("untied", dict(_TINY, tie_word_embeddings=False)),
+            # a block's attention scale depends on its index: moved blocks must keep theirs
+            TinyConfig("inverse-layer-idx", dict(_TINY, scale_attn_by_inverse_layer_idx=True)),
+        ),
     )
 )

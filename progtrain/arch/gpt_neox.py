@@ -2,7 +2,7 @@
 partial rotary positions, fused ``query_key_value`` laid out per head as (heads, 3, head_dim),
 head_dim = hidden_size / num_attention_heads, untied ``embed_out`` head."""
 
-from .base import ArchAdapter, ConfigOption, P, hf_size_keys, register_adapter
+from .base import TINY_SIZES, ArchAdapter, ConfigOption, P, TinyConfig, hf_size_keys, register_adapter
 
 GPT_NEOX = register_adapter(
     ArchAdapter(
@@ -49,5 +49,9 @@ GPT_NEOX = register_adapter(
                 "the stream"
             ),
         },
+        tiny_configs=(
+            TinyConfig("parallel", dict(TINY_SIZES, use_parallel_residual=True)),
+            TinyConfig("sequential-tied", dict(TINY_SIZES, use_parallel_residual=False, tie_word_embeddings=True)),
+        ),
     )
 )

@@ -5,7 +5,11 @@ head (head_dim = n_embd / n_head is kept fixed), an untied LM head with a bias."
 
 from __future__ import annotations
 
-from .base import ArchAdapter, ConfigOption, P, register_adapter
+from .base import ArchAdapter, ConfigOption, P, TinyConfig, register_adapter
+
+# rotary on 4 of the 8 dims of each head
+_TINY = dict(n_embd=32, n_head=4, n_layer=2, rotary_dim=4, vocab_size=101, n_positions=64, bos_token_id=1,
+             eos_token_id=1)
 
 GPTJ = register_adapter(
     ArchAdapter(
@@ -53,5 +57,9 @@ GPTJ = register_adapter(
                 "stream"
             ),
         },
+        tiny_configs=(
+            TinyConfig("untied", dict(_TINY, tie_word_embeddings=False)),
+            TinyConfig("tied", dict(_TINY, tie_word_embeddings=True)),
+        ),
     )
 )

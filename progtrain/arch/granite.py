@@ -15,7 +15,7 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from .base import ConfigOption, register_adapter
+from .base import ConfigOption, gqa_tiny_configs, register_adapter
 from .llama import llama_like
 
 
@@ -49,5 +49,10 @@ GRANITE = register_adapter(
         _BASE,
         config_keys={**_BASE.config_keys, "head_dim": None},
         attention_scale=_granite_attention_scale,
+        # multipliers far from 1 (Granite-3 values), so a growth that ignored one would show
+        tiny_configs=gqa_tiny_configs(
+            ("attention_bias", "mlp_bias"), embedding_multiplier=12.0, residual_multiplier=0.22,
+            attention_multiplier=0.0625, logits_scaling=8.0,
+        ),
     )
 )

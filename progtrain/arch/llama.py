@@ -6,7 +6,7 @@ optional attention/MLP biases.
 their modules only import it and register their ``model_type``.
 """
 
-from .base import ArchAdapter, ConfigOption, P, hf_size_keys, register_adapter
+from .base import ArchAdapter, ConfigOption, P, TinyConfig, gqa_tiny_configs, hf_size_keys, register_adapter
 
 #: Options that change the maths, shared by the families laid out like Llama; each family adds its own.
 LLAMA_LIKE_OPTIONS = {
@@ -24,10 +24,14 @@ LLAMA_LIKE_OPTIONS = {
 
 
 def llama_like(
-    name: str, model_types: tuple[str, ...], config_options: dict[str, ConfigOption] | None = None
+    name: str,
+    model_types: tuple[str, ...],
+    config_options: dict[str, ConfigOption] | None = None,
+    tiny_configs: tuple[TinyConfig, ...] = (),
 ) -> ArchAdapter:
     """An adapter for a family laid out like ``LlamaModel`` (``model.layers.{i}.self_attn.q_proj`` ...);
-    ``config_options`` are added to :data:`LLAMA_LIKE_OPTIONS`."""
+    ``config_options`` are added to :data:`LLAMA_LIKE_OPTIONS`; ``tiny_configs`` are the family's test
+    configs (``ArchAdapter.tiny_configs``)."""
     return ArchAdapter(
         name=name,
         model_types=model_types,
@@ -60,6 +64,7 @@ def llama_like(
         pre_norm=True,
         rotary=True,
         config_options={**LLAMA_LIKE_OPTIONS, **(config_options or {})},
+        tiny_configs=tiny_configs,
     )
 
 
@@ -71,5 +76,6 @@ LLAMA = register_adapter(
             "attention_bias": ConfigOption("q/k/v/o biases, grown like their weights"),
             "mlp_bias": ConfigOption("gate/up/down biases, grown like their weights"),
         },
+        gqa_tiny_configs(("attention_bias", "mlp_bias")),
     )
 )

@@ -25,7 +25,7 @@ What is exact:
 
 import dataclasses
 
-from .base import ConfigOption, P, register_adapter
+from .base import ConfigOption, P, gqa_tiny_configs, register_adapter
 from .llama import llama_like
 
 _BASE = llama_like(
@@ -56,5 +56,6 @@ OLMO2 = register_adapter(
             "post_feedforward_layernorm.weight": P("norm", "hidden.gain"),
         },
         qk_norm="projection",
+        tiny_configs=gqa_tiny_configs(("attention_bias",), pad_token_id=0, eos_token_id=2),
     )
 )

@@ -16,7 +16,7 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from .base import ArchAdapter, ConfigOption, P, hf_size_keys, register_adapter
+from .base import ArchAdapter, ConfigOption, P, TinyConfig, hf_size_keys, register_adapter
 
 _OPTIONS = {
     "enable_bias": ConfigOption("q/k/v/out and fc1/fc2 biases, grown like their weights"),
@@ -76,6 +76,9 @@ def opt_for_config(adapter: ArchAdapter, config: PretrainedConfig) -> ArchAdapte
     )
 
 
+_TINY = dict(hidden_size=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=2, vocab_size=101,
+             max_position_embeddings=64)
+
 OPT = register_adapter(
     ArchAdapter(
         name="opt",
@@ -113,5 +116,11 @@ OPT = register_adapter(
         config_options=_OPTIONS,
         hidden_follow_keys=("word_embed_proj_dim",),
         for_config=opt_for_config,
+        tiny_configs=(
+            TinyConfig("tied", dict(_TINY, tie_word_embeddings=True)),
+            TinyConfig("untied", dict(_TINY, tie_word_embeddings=False)),
+            TinyConfig("post-norm", dict(_TINY, do_layer_norm_before=False, tie_word_embeddings=False)),
+            TinyConfig("projected", dict(_TINY, word_embed_proj_dim=16)),  # project_in / project_out (OPT-350m)
+        ),
     )
 )

@@ -6,7 +6,7 @@ out [gate | up] (FFN units in each half; growth inserts new units at the end of 
 count follows the width. No biases.
 """
 
-from .base import ArchAdapter, ConfigOption, P, hf_size_keys, register_adapter
+from .base import ArchAdapter, ConfigOption, P, gqa_tiny_configs, hf_size_keys, register_adapter
 from .llama import LLAMA_LIKE_OPTIONS
 
 PHI3 = register_adapter(
@@ -45,5 +45,6 @@ PHI3 = register_adapter(
                 "every layer attends to the same window of past tokens; new blocks are identities"
             ),
         },
+        tiny_configs=gqa_tiny_configs(pad_token_id=0, bos_token_id=1, eos_token_id=2),
     )
 )

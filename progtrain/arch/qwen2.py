@@ -4,7 +4,7 @@ window), both rebuilt on depth growth."""
 
 import dataclasses
 
-from .base import ConfigOption, register_adapter
+from .base import TINY_SIZES, ConfigOption, TinyConfig, gqa_tiny_configs, register_adapter
 from .llama import llama_like
 
 _PER_LAYER = (
@@ -26,5 +26,11 @@ QWEN2 = register_adapter(
             },
         ),
         layer_threshold_config_keys=("max_window_layers",),
+        tiny_configs=(
+            *gqa_tiny_configs(),
+            # layer 1 (at max_window_layers and above) attends through a window of 4 tokens
+            TinyConfig("kv2-sliding", dict(TINY_SIZES, num_key_value_heads=2, use_sliding_window=True,
+                                           sliding_window=4, max_window_layers=1)),
+        ),
     )
 )

@@ -11,7 +11,7 @@ unchanged. Only a non-integer widening touches them, through the shared epsilon 
 
 import dataclasses
 
-from .base import ConfigOption, P, register_adapter
+from .base import ConfigOption, P, gqa_tiny_configs, register_adapter
 from .llama import llama_like
 
 _PER_LAYER = (
@@ -46,5 +46,6 @@ QWEN3 = register_adapter(
         },
         layer_threshold_config_keys=("max_window_layers",),
         qk_norm="head",
+        tiny_configs=gqa_tiny_configs(("attention_bias",), head_dim=8),
     )
 )

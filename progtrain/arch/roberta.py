@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import P, register_adapter
+from .base import P, TinyConfig, register_adapter
 from .bert import BERT
 
 ROBERTA = register_adapter(
@@ -26,5 +26,9 @@ ROBERTA = register_adapter(
         },
         # RobertaConfig has no position_embedding_type: BERT's other options, as BERT grows them
         config_options={k: v for k, v in BERT.config_options.items() if k != "position_embedding_type"},
+        # positions start after pad_token_id (1): the table holds max_position_embeddings - 2 positions
+        tiny_configs=tuple(
+            TinyConfig(t.name, dict(t.config, max_position_embeddings=66), t.task) for t in BERT.tiny_configs
+        ),
     )
 )

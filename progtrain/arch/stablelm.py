@@ -10,7 +10,7 @@ With ``qk_layernorm`` the per-head norms are separate modules named by their hea
 changes the head count (which any widening does, head_dim being fixed).
 """
 
-from .base import ArchAdapter, ConfigOption, P, hf_size_keys, register_adapter
+from .base import TINY_SIZES, ArchAdapter, ConfigOption, P, TinyConfig, gqa_tiny_configs, hf_size_keys, register_adapter
 from .llama import LLAMA_LIKE_OPTIONS
 
 STABLELM = register_adapter(
@@ -64,5 +64,11 @@ STABLELM = register_adapter(
             ),
             "hidden_act": LLAMA_LIKE_OPTIONS["hidden_act"],
         },
+        tiny_configs=(
+            *gqa_tiny_configs(("use_qkv_bias",)),
+            # per-head q/k LayerNorm modules (head growth refused) with the parallel residual
+            TinyConfig("kv2-qk-layernorm-parallel", dict(TINY_SIZES, num_key_value_heads=2, qk_layernorm=True,
+                                                        use_parallel_residual=True)),
+        ),
     )
 )
