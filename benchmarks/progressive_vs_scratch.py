@@ -15,7 +15,8 @@ Seeds: a schedule is tuned on some seeds and judged on others. The config declar
 stages and LRs were tuned on (``benchmark: {tuning_seeds: [...]}``, required; the scratch LR sweep
 runs on the first of them); the headline runs on held-out seeds only: at least 3, none a tuning seed
 (the script refuses otherwise; ``--tuning-run`` runs any seeds and reports them as a tuning run,
-in ``<out>/tuning``). When any held-out seed misses L*, the headline is "not reached", naming the
+in ``<out>/tuning``; ``--indicative`` accepts 1 or 2 held-out seeds and marks the report indicative).
+When any held-out seed misses L*, the headline is "not reached", naming the
 seed and the miss in nats; the JSON has ``held_out_seeds``, ``tuning_seeds``, the per-seed rows
 (``per_seed``), ``headline`` and ``tokens_per_param`` (training tokens per parameter of the final
 model).
@@ -49,7 +50,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -150,16 +150,29 @@ def compute_matched_dict(prog: dict) -> tuple[dict, float]:
 
 def run_engine(d: dict, out: Path) -> Path:
     """Train the run config dict ``d`` into a fresh ``out``; returns its metrics.jsonl."""
-    from progtrain.train import train
-    from progtrain.train.config import from_dict
+    from progtrain.benchmark import train_run
 
-    if out.exists():
-        shutil.rmtree(out)
-    d = copy.deepcopy(d)
-    d["output_dir"] = str(out)
-    d.pop("push_to_hub", None)
-    train(from_dict(d))
-    return out / "metrics.jsonl"
+    return train_run(d, out)
+
+
+def run_all(runs: Sequence[tuple[int, str, dict]], work: Path, jobs: int) -> dict[tuple[int, str], Path]:
+    """Train every ``(seed, arm name, config dict)`` of ``runs`` into ``work/<arm>_s<seed>``: back to back
+    in this process (``jobs`` 1, the default) or on ``jobs`` worker processes, each with
+    ``torch.get_num_threads() // jobs`` threads (at least 1). Wall-clock ratios compare runs that ran under
+    the same load only when the machine does nothing else: with ``jobs`` > 1 each run shares it with the
+    others. Returns ``{(seed, name): metrics.jsonl}``."""
+    from progtrain.benchmark import train_run
+
+    if jobs <= 1:
+        return {(seed, name): train_run(d, work / f"{name}_s{seed}", seed=seed) for seed, name, d in runs}
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futs = {(seed, name): pool.submit(train_run, d, work / f"{name}_s{seed}", seed=seed, threads=threads)
+                for seed, name, d in runs}
+        return {k: f.result() for k, f in futs.items()}
 
 
 # ---------------------------------------------------------------------- loop overhead
@@ -274,6 +287,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--same-flops", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the progressive schedule stretched to the scratch run's FLOPs (more tokens; default: on)")
     p.add_argument("--overhead-steps", type=int, help="steps of each loop-overhead run (0 skips it)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs in parallel worker processes (default 1: back to back; each worker gets "
+                        "the torch threads divided by --jobs)")
+    p.add_argument("--indicative", action="store_true",
+                   help="allow fewer than 3 held-out seeds (still none a tuning seed); the report is marked "
+                        "indicative, not a headline")
     p.add_argument("--out", help="where the report goes")
     p.add_argument("--work-dir", default="runs/bench", help="where the training runs go (default: runs/bench)")
     return p.parse_args(argv)
@@ -307,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = args.seeds or protocol["held_out_seeds"] or default_held_out_seeds(tuning)
     if not args.tuning_run:
         try:
-            check_held_out_seeds(seeds, tuning)
+            check_held_out_seeds(seeds, tuning, minimum=1 if args.indicative else 3)
         except ValueError as e:
             refuse(f"{e} (or pass --tuning-run for a run that is not a headline)")
     sweep_seed = tuning[0] if tuning else None
@@ -342,11 +361,10 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("same-FLOPs progressive arm: %d steps (x%.3f tokens)", matched["train"]["max_steps"], matched_factor)
     curves: dict[str, list[Curve]] = {name: [] for name, _ in arms}
     per_seed, per_seed_matched = [], []
+    metrics = run_all([(seed, name, d) for seed in seeds for name, d in arms], work, args.jobs)
     for seed in seeds:
-        for name, d in arms:
-            d = copy.deepcopy(d)
-            d["seed"] = seed
-            curves[name].append(Curve.from_metrics(name, run_engine(d, work / f"{name}_s{seed}")))
+        for name, _ in arms:
+            curves[name].append(Curve.from_metrics(name, metrics[seed, name]))
         r = compare(curves["scratch"][-1], curves["progressive"][-1])
         r["seed"] = seed
         per_seed.append(r)
@@ -375,8 +393,12 @@ def main(argv: list[str] | None = None) -> dict:
         benchmark_wall_s=round(time.perf_counter() - t0, 1),
         total_flops_scratch=per_seed[0]["total_flops_scratch"], total_flops_progressive=per_seed[0]["total_flops_progressive"],
     )
+    summary.update(indicative=bool(args.indicative) and not args.tuning_run and len(seeds) < 3, jobs=args.jobs)
     if args.tuning_run:
         summary["headline"] = "tuning run (not a headline): " + summary["headline"]
+    elif summary["indicative"]:
+        summary["headline"] = (f"indicative ({len(seeds)} held-out seed(s), fewer than the 3 of a headline): "
+                               + summary["headline"])
     l_star = summary["L_star"]
     plot_curves(curves, "flops", out / "loss_vs_flops.png", l_star)
     plot_curves(curves, "wall_s", out / "loss_vs_wallclock.png", l_star)

@@ -277,3 +277,29 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def train_run(d: dict[str, Any], out: str | Path, *, seed: int | None = None, threads: int | None = None) -> Path:
+    """Train the run config dict ``d`` (``seed`` replacing its seed when given) into a fresh directory
+    ``out`` (removed first when it exists) through progtrain's engine, with ``threads`` torch threads
+    when given (a benchmark's worker process). No Hub push. Returns ``out/metrics.jsonl``."""
+    import copy
+    import shutil
+
+    import torch
+
+    from progtrain.train import train
+    from progtrain.train.config import from_dict
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    d = copy.deepcopy(d)
+    d["output_dir"] = str(out)
+    if seed is not None:
+        d["seed"] = seed
+    d.pop("push_to_hub", None)
+    train(from_dict(d))
+    return out / "metrics.jsonl"

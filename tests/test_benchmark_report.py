@@ -173,3 +173,31 @@ def test_cli_refuses_a_scratch_lr_swept_on_a_held_out_seed(tmp_path, capsys):
         pvs.main(["--config", str(path), "--out", str(out), "--work-dir", str(tmp_path / "runs")])
     assert e.value.code == 2 and "swept on seed 1, a held-out seed" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["lr_sweep.json"]
+
+
+def test_indicative_accepts_one_held_out_seed_but_never_a_tuning_seed(tmp_path, capsys):
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit) as e:
+        pvs.main(["--seeds", "0", "--indicative", "--out", str(out), "--work-dir", str(tmp_path / "runs")])
+    assert e.value.code == 2 and "tuned the schedule" in capsys.readouterr().err
+    assert not out.exists()
+    check_held_out_seeds([1], tuning=[0], minimum=1)
+
+
+def test_parallel_runs_give_the_same_curves_as_back_to_back(tmp_path):
+    """--jobs 2 trains each (seed, arm) in a worker process: the same losses as one process."""
+    d = yaml.safe_load(Path(pvs.PRESETS["tiny"]["config"]).read_text())
+    d, _ = pvs.split_benchmark_block(d, "tiny")
+    d["stages"] = []
+    d["data"]["vocab_size"] = 300
+    d["train"].update(max_steps=4, eval_interval=2, eval_batches=1, log_interval=1, batch_size=2)
+    runs = [(1, "scratch", d), (2, "scratch", d)]
+    one = pvs.run_all(runs, tmp_path / "one", jobs=1)
+    two = pvs.run_all(runs, tmp_path / "two", jobs=2)
+
+    def losses(p):
+        return [r["val_loss"] for r in map(json.loads, p.read_text().splitlines()) if r.get("val_loss") is not None]
+
+    for key in one:
+        assert losses(one[key]) == losses(two[key]) and len(losses(one[key])) >= 2
+    assert losses(one[1, "scratch"]) != losses(one[2, "scratch"])  # the seed reaches the run
