@@ -166,7 +166,12 @@ def main() -> None:
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    results = {"size_mb": a.size_mb, "small_mb": a.small_mb, "num_proc": a.num_proc, "machine": machine_info()}
+    import datetime as dt
+    import shlex
+
+    results = {"size_mb": a.size_mb, "small_mb": a.small_mb, "num_proc": a.num_proc, "machine": machine_info(),
+               "date": dt.datetime.now().isoformat(timespec="seconds"),
+               "command": " ".join(map(shlex.quote, ["python", "benchmarks/data_pipeline.py", *sys.argv[1:]]))}
     for name, mb in (("big", a.size_mb), ("small", a.small_mb)):
         corpus = build_corpus(work / f"corpus_{mb}mb", mb)
         cfg_path = work / f"{name}.yaml"
@@ -192,7 +197,10 @@ def main() -> None:
           "|---|---|---|",
           f"| {a.size_mb} MB | {big['first_step_s']} | {big['self_mb']} |",
           f"| {a.small_mb} MB | {small['first_step_s']} | {small['self_mb']} |", "",
-          f"Training peak RSS ratio {a.size_mb} MB / {a.small_mb} MB: {results['train_rss_ratio']}."]
+          f"Training peak RSS ratio {a.size_mb} MB / {a.small_mb} MB: {results['train_rss_ratio']} (goal <= 1.2: "
+          f"{'met' if results['train_rss_ratio'] <= 1.2 else 'missed'}); first step on the {a.size_mb} MB corpus "
+          f"{big['first_step_s']} s after start (goal <= 10 s: {'met' if big['first_step_s'] <= 10 else 'missed'}).",
+          "", f"`{results['command']}`, {results['date']}, {results['machine'].get('cpu', '')}".rstrip(", ") + "."]
     Path(a.out + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
