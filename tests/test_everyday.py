@@ -54,13 +54,14 @@ def test_shipped_configs_take_any_max_steps(name, max_steps):
     starts = cfg.stage_starts()
     assert 0 < starts[1] < starts[2] < max_steps
     for st, s in zip(cfg.stages, starts[1:]):  # every start within half a step of its fraction, or step 1
-        frac = {"gpt2_small": (0.2, 0.5), "gpt2_medium": (0.2, 0.5)}.get(name, (0.3333, 0.6667))[starts.index(s) - 1]
+        frac = {"gpt2_small": (0.2, 0.5), "gpt2_medium": (0.2, 0.5), "gpt2_tiny": (0.4167, 0.75)}.get(
+            name, (0.3333, 0.6667))[starts.index(s) - 1]
         assert abs(s - frac * max_steps) <= 0.5 or s == 1
 
 
 def test_default_config_keeps_its_schedule():
-    assert load_config(CONFIG).stage_starts() == [0, 200, 400]
-    assert load_config(CONFIG, ["train.max_steps=300"]).stage_starts() == [0, 100, 200]
+    assert load_config(CONFIG).stage_starts() == [0, 250, 450]
+    assert load_config(CONFIG, ["train.max_steps=300"]).stage_starts() == [0, 125, 225]
 
 
 def test_fraction_rounding_and_refusals():
@@ -73,12 +74,12 @@ def test_fraction_rounding_and_refusals():
 
 def test_start_keys_exclusive_and_override_replaces(tmp_path):
     cfg = load_config(CONFIG, ["train.max_steps=50", "stages.0.start_step=20"])
-    assert cfg.stage_starts() == [0, 20, 33]
-    assert load_config(CONFIG, ["stages.1.start_tokens=614400"]).stage_starts() == [0, 200, 300]  # 16 x 128 / step
+    assert cfg.stage_starts() == [0, 20, 38]
+    assert load_config(CONFIG, ["stages.1.start_tokens=614400"]).stage_starts() == [0, 250, 300]  # 16 x 128 / step
     with pytest.raises(ProgtrainConfigError, match="not after the previous stage"):
-        load_config(CONFIG, ["stages.1.start_tokens=409600"])  # step 200, where stage 0 starts
+        load_config(CONFIG, ["stages.1.start_tokens=512000"])  # step 250, where stage 0 starts
     p = tmp_path / "c.yaml"
-    p.write_text(Path(CONFIG).read_text().replace("start: 0.3333", "start: 0.3333\n    start_step: 5"))
+    p.write_text(Path(CONFIG).read_text().replace("start: 0.4167", "start: 0.4167\n    start_step: 5"))
     with pytest.raises(ProgtrainConfigError, match=r"stages\[0\] \(wide\): give exactly one of start"):
         load_config(p)
     with pytest.raises(ProgtrainConfigError, match=r"stages\[1\] \(deep\) starts at step 6, at or after"):
@@ -228,10 +229,10 @@ def test_resume_prints_where_and_refuses_a_changed_schedule(run, tmp_path):
     assert code == 2 and "train.max_steps 6 -> 8" in err and "--allow-config-change" in err, err
     assert err.count("\n") == 1
     code, _, err = cli("train", CONFIG, "--output-dir", str(out), *sets(), "--resume")
-    assert code == 0 and "resumed from step 4 (stage 2 deep)" in err, err
+    assert code == 0 and "resumed from step 5 (stage 2 deep)" in err, err
     code, _, err = cli("train", CONFIG, "--output-dir", str(out), *sets("train.max_steps=8"), "--resume",
                        "--allow-config-change")
-    assert code == 0 and "resumed from step 4 (stage 2 deep)" in err, err
+    assert code == 0 and "resumed from step 5 (stage 2 deep)" in err, err
     assert [m for m in metrics(out) if m["event"] == "end"][-1]["step"] == 8
 
 

@@ -259,7 +259,7 @@ def test_stages_from_run_yaml_and_fractions(tmp_path):
     stages = load_stages(REPO / "configs" / "gpt2_tiny_progressive.yaml")
     model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=SEQ))
     tr = ProgressiveTrainer(model=model, args=targs(tmp_path, max_steps=600), train_dataset=Tokens(), stages=stages)
-    assert [(s.name, s.start_step) for s in tr.stages] == [("wide", 200), ("deep", 400)]
+    assert [(s.name, s.start_step) for s in tr.stages] == [("wide", 250), ("deep", 450)]
     frac = [{"start": 0.25, "grow": {"hidden_size": 64}}, {"start": 0.5, "grow": {"num_layers": 3}}]
     tr = ProgressiveTrainer(model=gpt2(), args=targs(tmp_path, max_steps=10), train_dataset=Tokens(), stages=frac)
     assert [s.start_step for s in tr.stages] == [3, 5]
