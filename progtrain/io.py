@@ -358,3 +358,11 @@ def save_checkpoint(
             carry_files(carry_from, tmp, plan)
     logger.info("saved %s to %s", type(model).__name__, out)
     return out
+
+
+def remove_if_empty(path: str | os.PathLike) -> None:
+    """Remove the directory ``path`` when it holds no file (only empty directories, or nothing): what a
+    command that failed before writing anything leaves behind."""
+    path = Path(path)
+    if path.is_dir() and not any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
+        shutil.rmtree(path, ignore_errors=True)

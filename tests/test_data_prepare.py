@@ -241,6 +241,18 @@ def test_manifest_mismatch_refused_with_one_line(tmp_path, capsys, change):
         assert shards.read_manifest(tmp_path / "run" / "data")["seq_len"] == 8
 
 
+@pytest.mark.parametrize("command", ["data", "train"])
+def test_bad_text_column_leaves_no_directory_behind(tmp_path, capsys, command):
+    ins = write_kind("jsonl", tmp_path / "in", make_docs())
+    conf = _yaml(tmp_path, {**ins, "text_column": "nope"})
+    capsys.readouterr()  # writing the inputs printed progress
+    args = ["data", "prepare", conf] if command == "data" else ["train", conf]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "text_column='nope' is not a column" in err
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------- training on prepared data
 def test_resume_bit_identical_on_prepared_data(tmp_path, tok_dir):
     from progtrain.train.engine import train

@@ -53,6 +53,8 @@ def fresh_config(**train):
     ("new", [{"start_step": 0, "grow": {"num_layers": 4}}], "this run starts from a fresh model (no model.checkpoint)"),
     (["gate"], [], "the gpt2 family has no 'gate' parameters"),
     ([5], [{"start_step": 3, "grow": {"num_layers": 4}}], "past the deepest model of the run (4 layers"),
+    ([99, "attn"], [{"start_step": 3, "grow": {"num_layers": 4}}], "index(es) [99] past the deepest model"),
+    ([1, 100, "norm"], [], "index(es) [100] past the deepest model of the run (2 layers"),
     ([3], [{"start_step": 3, "grow": {"num_layers": 4}}], "select nothing in stage 0 (2 layers)"),
 ])
 def test_trainable_validation(trainable, stages, needle):

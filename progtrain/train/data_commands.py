@@ -9,10 +9,24 @@ from typing import Any
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     """Tokenise the config's corpus into token shards (or check existing ones) and print a summary."""
     from .config import load_config
-    from .shards import check_manifest, prepare, prepared_dir, read_manifest
+    from .shards import prepared_dir
+
+    from ..io import remove_if_empty
 
     cfg = load_config(args.config, args.overrides, args.output_dir)
     d = prepared_dir(cfg)
+    try:
+        return _prepare(args, cfg, d)
+    except BaseException:  # bad input found while reading the sources: leave no empty directories behind
+        remove_if_empty(d)
+        if not d.exists():
+            remove_if_empty(d.parent)
+        raise
+
+
+def _prepare(args: argparse.Namespace, cfg: Any, d: Any) -> int:
+    from .shards import check_manifest, prepare, read_manifest
+
     m = read_manifest(d)
     if m is not None and not args.overwrite:
         check_manifest(cfg, d, m)

@@ -53,7 +53,7 @@ from ..growth import grow
 from ..growth.calibration import fit_problems, input_limits
 from ..hub import push_to_hub
 from ..init import get_strategy
-from ..io import atomic_write_text, load_model, model_class_for, save_checkpoint
+from ..io import atomic_write_text, load_model, model_class_for, remove_if_empty, save_checkpoint
 from . import checkpoint as ckpt
 from .config import RunConfig, StageConfig, check_trackers, initial_hf_config, schedule_changes
 from .data import RunData, prepare_data
@@ -309,7 +309,7 @@ class ProgressiveTrainer:
             self._open_logs(resumed)
         except BaseException:
             if created:  # a failed start leaves no empty output directory behind
-                _remove_if_empty(self.out)
+                remove_if_empty(self.out)
             raise
         stop = cfg.train.max_steps if stop_at_step is None else min(stop_at_step, cfg.train.max_steps)
         bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not self.acc.is_main_process,
@@ -809,12 +809,6 @@ def _on_interrupt(trainer: ProgressiveTrainer) -> Iterator[None]:
                          "--resume to continue from it", trainer.state.step, trainer.state.stage,
                          trainer.last_ckpt or "none (the run restarts from step 0)")
         raise
-
-
-def _remove_if_empty(path: Path) -> None:
-    """Remove ``path`` when it holds no file (only empty directories, or nothing)."""
-    if path.is_dir() and not any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def train(cfg: RunConfig, resume: bool = False, stop_at_step: int | None = None,

@@ -166,7 +166,8 @@ def check_manifest(cfg: Any, path: Path, manifest: dict, spec: dict | None = Non
     conf = cfg.source or "CONFIG"
     raise ProgtrainConfigError(
         f"prepared data in {path} does not match the config: {what}; re-prepare with "
-        f"`progtrain data prepare {conf} --overwrite`, or set data.prepared_dir to another directory"
+        f"`progtrain data prepare {conf} --overwrite` plus this command's --set/--output-dir options, or set "
+        f"data.prepared_dir to another directory"
     )
 
 

@@ -152,15 +152,16 @@ def check_trainable(spec: str | tuple, *, initial_config: Any, stage_configs: li
         if missing:
             logger.debug("train.trainable: roles %s absent from %s (part of a group)", missing, initial_config.model_type)
     layers = [e for e in entries if isinstance(e, int)]
-    if layers and not roles and not uses_new(spec):
+    if layers:
         depths = [get_adapter(c).read_sizes(c).layers for c in stage_configs]
         top = max(depths)
         bad = [i for i in layers if i >= top]
-        if bad:
+        if bad:  # whatever else the list names: an index no model of the run has is a typo
             raise ProgtrainConfigError(
                 f"train.trainable: layer index(es) {bad} past the deepest model of the run ({top} layers, "
                 f"indices 0..{top - 1})"
             )
+    if layers and not roles and not uses_new(spec):
         for s, depth in enumerate(depths):
             if not any(i < depth for i in layers):
                 raise ProgtrainConfigError(
