@@ -155,23 +155,25 @@ def run_engine(d: dict, out: Path) -> Path:
     return train_run(d, out)
 
 
-def run_all(runs: Sequence[tuple[int, str, dict]], work: Path, jobs: int) -> dict[tuple[int, str], Path]:
+def run_all(runs: Sequence[tuple[int, str, dict]], work: Path, jobs: int,
+            reuse: bool = False) -> dict[tuple[int, str], Path]:
     """Train every ``(seed, arm name, config dict)`` of ``runs`` into ``work/<arm>_s<seed>``: back to back
     in this process (``jobs`` 1, the default) or on ``jobs`` worker processes, each with
     ``torch.get_num_threads() // jobs`` threads (at least 1). Wall-clock ratios compare runs that ran under
     the same load only when the machine does nothing else: with ``jobs`` > 1 each run shares it with the
-    others. Returns ``{(seed, name): metrics.jsonl}``."""
+    others. ``reuse``: a run directory that already holds that very run, finished, is kept
+    (:func:`progtrain.benchmark.finished_run`). Returns ``{(seed, name): metrics.jsonl}``."""
     from progtrain.benchmark import train_run
 
     if jobs <= 1:
-        return {(seed, name): train_run(d, work / f"{name}_s{seed}", seed=seed) for seed, name, d in runs}
+        return {(seed, name): train_run(d, work / f"{name}_s{seed}", seed=seed, reuse=reuse) for seed, name, d in runs}
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     threads = max(1, torch.get_num_threads() // jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futs = {(seed, name): pool.submit(train_run, d, work / f"{name}_s{seed}", seed=seed, threads=threads)
-                for seed, name, d in runs}
+        futs = {(seed, name): pool.submit(train_run, d, work / f"{name}_s{seed}", seed=seed, threads=threads,
+                                          reuse=reuse) for seed, name, d in runs}
         return {k: f.result() for k, f in futs.items()}
 
 
@@ -290,6 +292,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1,
                    help="training runs in parallel worker processes (default 1: back to back; each worker gets "
                         "the torch threads divided by --jobs)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the training runs in --work-dir that already finished with the very same config "
+                        "(an interrupted benchmark continues; the rest is trained)")
     p.add_argument("--indicative", action="store_true",
                    help="allow fewer than 3 held-out seeds (still none a tuning seed); the report is marked "
                         "indicative, not a headline")
@@ -361,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("same-FLOPs progressive arm: %d steps (x%.3f tokens)", matched["train"]["max_steps"], matched_factor)
     curves: dict[str, list[Curve]] = {name: [] for name, _ in arms}
     per_seed, per_seed_matched = [], []
-    metrics = run_all([(seed, name, d) for seed in seeds for name, d in arms], work, args.jobs)
+    metrics = run_all([(seed, name, d) for seed in seeds for name, d in arms], work, args.jobs, reuse=args.reuse)
     for seed in seeds:
         for name, _ in arms:
             curves[name].append(Curve.from_metrics(name, metrics[seed, name]))

@@ -10,6 +10,7 @@ in the x-axis quantity (FLOPs or seconds), so the crossing point of a target los
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import statistics
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .io import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -279,10 +282,27 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     return info
 
 
-def train_run(d: dict[str, Any], out: str | Path, *, seed: int | None = None, threads: int | None = None) -> Path:
+def finished_run(cfg: Any, out: str | Path) -> bool:
+    """Whether ``out`` holds a finished run of exactly the run config ``cfg`` (its ``run_info.json``
+    records the same resolved config, not resumed, and ``metrics.jsonl`` ends at ``train.max_steps``)."""
+    out = Path(out)
+    try:
+        info = json.loads((out / "run_info.json").read_text())
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return False
+    same = json.loads(json.dumps(info.get("config"), default=str)) == json.loads(json.dumps(cfg.to_dict(), default=str))
+    ended = any(r.get("event") == "end" and r.get("step") == cfg.train.max_steps for r in rows)
+    return same and ended and not info.get("resumed_from")
+
+
+def train_run(d: dict[str, Any], out: str | Path, *, seed: int | None = None, threads: int | None = None,
+              reuse: bool = False) -> Path:
     """Train the run config dict ``d`` (``seed`` replacing its seed when given) into a fresh directory
     ``out`` (removed first when it exists) through progtrain's engine, with ``threads`` torch threads
-    when given (a benchmark's worker process). No Hub push. Returns ``out/metrics.jsonl``."""
+    when given (a benchmark's worker process). No Hub push. ``reuse``: keep ``out`` instead when it
+    already holds this very run, finished (:func:`finished_run`; an interrupted benchmark picks up
+    its finished runs). Returns ``out/metrics.jsonl``."""
     import copy
     import shutil
 
@@ -294,12 +314,16 @@ def train_run(d: dict[str, Any], out: str | Path, *, seed: int | None = None, th
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
     d = copy.deepcopy(d)
     d["output_dir"] = str(out)
     if seed is not None:
         d["seed"] = seed
     d.pop("push_to_hub", None)
-    train(from_dict(d))
+    cfg = from_dict(d)
+    if reuse and finished_run(cfg, out):
+        logger.info("reusing the finished run in %s", out)
+        return out / "metrics.jsonl"
+    if out.exists():
+        shutil.rmtree(out)
+    train(cfg)
     return out / "metrics.jsonl"

@@ -208,7 +208,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .growth.calibration import fit_problems, input_limits
     from .io import load_model, load_tokenizer, read_growth_history
-    from .verify import measure_deviation
+    from .verify import hidden_map_since, measure_deviation
 
     a = load_model(args.src)  # each as stored; evaluated in fp32 by measure_deviation
     b = load_model(args.out)
@@ -232,15 +232,20 @@ def _verify(args: argparse.Namespace) -> int:
             logger.warning("the source tokenizer gives no usable token ids for the sentences: using random tokens")
     if ids is None:
         source = f"{args.batch}x{max_len} random tokens"
-    hist = read_growth_history(args.out)
-    hidden_src = None
-    if hist and hist[-1].get("hidden_index_map"):
-        hidden_src = hist[-1]["hidden_index_map"]
+    # OUT's growth history leads from SRC's width to OUT's (composed over every growth since SRC)
+    hidden_src = hidden_map_since(read_growth_history(args.out), _hidden_size(a), _hidden_size(b))
+    if input_limits(b).vocab_size < input_limits(a).vocab_size:
+        raise ProgtrainConfigError(f"{args.out} has a smaller vocabulary ({input_limits(b).vocab_size}) than "
+                                   f"{args.src} ({input_limits(a).vocab_size}): OUT must be a growth of SRC")
     # the measurement grow() labels its growths with, here on the inputs chosen above
-    res = measure_deviation(
-        a, b, input_ids=ids, attention_mask=mask, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
-        hidden_src=hidden_src, tolerance=args.tolerance,
-    )
+    try:
+        res = measure_deviation(
+            a, b, input_ids=ids, attention_mask=mask, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
+            hidden_src=hidden_src, tolerance=args.tolerance,
+        )
+    except (ValueError, IndexError, RuntimeError) as e:
+        raise ProgtrainConfigError(f"cannot compare {args.src} with {args.out}: {e}; OUT must be a growth of SRC "
+                                   f"(same family, made by progtrain grow or a progtrain run from it)") from None
     ok = res["within_tolerance"]
     tol = res["tolerance"]
     print(f"compared {res['kind']} on {source}")
@@ -252,6 +257,13 @@ def _verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res))
     return 0 if ok else 1
+
+
+def _hidden_size(model: Any) -> int:
+    """The residual-stream width of a supported model (its adapter's reading of the config)."""
+    from .arch import get_adapter
+
+    return get_adapter(model.config).read_sizes(model.config).hidden
 
 
 def _tokenise(tok: Any, texts: list[str], max_len: int, vocab: int) -> tuple[Any, Any]:

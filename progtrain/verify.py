@@ -75,12 +75,40 @@ def random_inputs(model: PreTrainedModel, batch: int = 2, seq_len: int = 16, see
 
 
 def fold_index(hidden_src: Sequence[int], old_hidden: int) -> torch.Tensor:
-    """For each old hidden coordinate, the first grown coordinate that carries it."""
+    """For each old hidden coordinate, the first grown coordinate that carries it.
+
+    Raises:
+        ValueError: an old coordinate that no grown coordinate carries (not a map of this growth)."""
     src = torch.as_tensor(list(hidden_src))
     idx = torch.empty(old_hidden, dtype=torch.long)
     for i in range(old_hidden):
-        idx[i] = int((src == i).nonzero()[0])
+        hits = (src == i).nonzero()
+        if not len(hits):
+            raise ValueError(f"the hidden index map carries no coordinate for old hidden coordinate {i}")
+        idx[i] = int(hits[0])
     return idx
+
+
+def hidden_map_since(history: Sequence[dict], old_hidden: int, new_hidden: int) -> list[int] | None:
+    """The grown-to-old hidden index map from a model of width ``old_hidden`` to its grown descendant of
+    width ``new_hidden``, composed over the growth ``history`` (records with ``source`` / ``target`` sizes
+    and ``hidden_index_map``, oldest first) from the last record back to the one that starts at
+    ``old_hidden``: ``map[i]`` is the old coordinate grown coordinate ``i`` carries, -1 for a new one.
+    None when the widths are equal (no map needed) or the history does not lead from one to the other."""
+    if old_hidden == new_hidden:
+        return None
+    comp, width = list(range(new_hidden)), new_hidden
+    for rec in reversed(list(history)):
+        src, tgt = (rec.get("source") or {}).get("hidden_size"), (rec.get("target") or {}).get("hidden_size")
+        if tgt != width or src is None:
+            return None
+        m = rec.get("hidden_index_map")
+        if m is not None:
+            comp = [int(m[c]) if c >= 0 else -1 for c in comp]
+        width = src
+        if width == old_hidden:
+            return comp
+    return None
 
 
 @torch.no_grad()
@@ -89,14 +117,17 @@ def model_outputs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
+    hidden: bool = False,
 ) -> tuple[str, torch.Tensor]:
-    """``("logits", logits)`` for models with a head, else ``("hidden", last_hidden_state)``;
-    returned in fp32, computed in eval mode.
+    """``("logits", logits)`` for models with a head, else (or with ``hidden``: through the model's
+    ``base_model``) ``("hidden", last_hidden_state)``; returned in fp32, computed in eval mode.
 
     With ``compute_dtype`` the forward pass runs on copies of every floating parameter and buffer
     cast to that dtype (``torch.func.functional_call``; ``model`` is left as it is), e.g. fp32 to
     evaluate a bf16 model's stored weights without bf16 rounding at run time. None: as the model is.
     """
+    if hidden and model.base_model is not model:
+        model = model.base_model
     was = model.training
     model.eval()
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
@@ -110,7 +141,7 @@ def model_outputs(
             out = model(**kwargs)
     finally:
         model.train(was)
-    if getattr(out, "logits", None) is not None:
+    if getattr(out, "logits", None) is not None and not hidden:
         return "logits", out.logits.float()
     return "hidden", out.last_hidden_state.float()
 
@@ -126,13 +157,24 @@ def compare_outputs(
 ) -> dict[str, Any]:
     """Max |delta| between the two models' logits (or last hidden states folded back to the old width
     through ``hidden_src``, the grown-to-old hidden index map), absolute and relative to max |old|.
-    ``compute_dtype``: see :func:`model_outputs`."""
+    When one model has a head and the other not (a ``BertModel`` grown into a ``BertForMaskedLM``), the
+    last hidden states of their base models are compared. ``compute_dtype``: see :func:`model_outputs`.
+
+    Raises:
+        ValueError: outputs that cannot be lined up (hidden states of different widths without a map,
+            logits of different shapes)."""
     kind, a = model_outputs(old, input_ids, attention_mask, compute_dtype)
-    _, b = model_outputs(new, input_ids, attention_mask, compute_dtype)
+    kind_b, b = model_outputs(new, input_ids, attention_mask, compute_dtype)
+    if kind != kind_b:
+        kind, a = model_outputs(old, input_ids, attention_mask, compute_dtype, hidden=True)
+        _, b = model_outputs(new, input_ids, attention_mask, compute_dtype, hidden=True)
     if kind == "hidden" and b.shape[-1] != a.shape[-1]:
         if hidden_src is None:
-            raise ValueError("comparing hidden states of different widths needs the hidden index map")
+            raise ValueError(f"hidden states of widths {a.shape[-1]} and {b.shape[-1]} need the grown-to-old hidden "
+                             f"index map, and the growth history does not lead from one width to the other")
         b = b.index_select(-1, fold_index(hidden_src, a.shape[-1]))
+    if a.shape != b.shape:
+        raise ValueError(f"{kind} of shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be compared")
     if attention_mask is not None:
         m = attention_mask.bool().unsqueeze(-1)
         a, b = a * m, b * m

@@ -201,3 +201,10 @@ def test_parallel_runs_give_the_same_curves_as_back_to_back(tmp_path):
     for key in one:
         assert losses(one[key]) == losses(two[key]) and len(losses(one[key])) >= 2
     assert losses(one[1, "scratch"]) != losses(one[2, "scratch"])  # the seed reaches the run
+    # --reuse keeps a finished run of the same config and trains one whose config differs
+    stamp = {k: p.stat().st_mtime_ns for k, p in one.items()}
+    again = pvs.run_all(runs, tmp_path / "one", jobs=1, reuse=True)
+    assert {k: p.stat().st_mtime_ns for k, p in again.items()} == stamp
+    d2 = dict(d, optim=dict(d["optim"], lr=1e-3))
+    redo = pvs.run_all([(1, "scratch", d2)], tmp_path / "one", jobs=1, reuse=True)
+    assert redo[1, "scratch"].stat().st_mtime_ns != stamp[1, "scratch"]

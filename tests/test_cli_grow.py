@@ -137,3 +137,45 @@ def test_console_script_help_and_usage_error():
     assert proc.returncode == 0 and "--hidden-size" in proc.stdout and "--layer-placement" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "progtrain.cli", "grow"], capture_output=True, text=True)
     assert proc.returncode == 2
+
+
+# ---------------------------------------------------------------------- verify: any growth of SRC, or one clear line
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_verify_follows_a_chain_of_growths_of_a_headless_model(tmp_path, capsys, family):
+    """SRC -> wider -> deeper with two `progtrain grow` calls: verify composes the hidden maps of the
+    whole history (it used to read only the last record and crash)."""
+    src = tmp_path / "src"
+    tiny_model(family, head=False).save_pretrained(src)
+    wide, deep = tmp_path / "wide", tmp_path / "deep"
+    assert run(capsys, "grow", src, wide, "--hidden-size", 48, "--intermediate-size", 96)[0] == 0
+    assert run(capsys, "grow", wide, deep, "--num-layers", 4)[0] == 0
+    code, text, err = run(capsys, "verify", src, deep, "--random")
+    exact = family == "llama"  # BERT's post-norm depth growth is approximate (1), never a crash
+    assert code == (0 if exact else 1), err
+    assert ("PASS" if exact else "FAIL") in text and "compared hidden" in text
+    code, text, err = run(capsys, "verify", deep, src, "--random")  # reversed: not a growth of it
+    assert code == 2 and text == "" and len(err.strip().splitlines()) == 1 and "OUT must be a growth of SRC" in err
+
+
+def test_verify_headless_source_against_a_model_with_a_head(tmp_path, capsys):
+    """A BertModel checkpoint against a BertForMaskedLM grown from it: the base models' hidden states."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    base = tiny_model("bert", head=False)
+    base.save_pretrained(src)
+    mlm = T.BertForMaskedLM(base.config)
+    mlm.bert.load_state_dict(base.state_dict(), strict=False)
+    mlm.save_pretrained(out)
+    capsys.readouterr()
+    code, text, err = run(capsys, "verify", src, out, "--random")
+    assert code == 0 and "compared hidden" in text and "PASS" in text, err
+
+
+def test_verify_unrelated_models_is_one_line(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    tiny_model("gpt2").save_pretrained(a)
+    m = tiny_model("gpt2")
+    m.resize_token_embeddings(8)
+    m.save_pretrained(b)
+    capsys.readouterr()  # save_pretrained's progress bars
+    code, text, err = run(capsys, "verify", a, b, "--random")
+    assert code == 2 and text == "" and len(err.strip().splitlines()) == 1 and "smaller vocabulary" in err
