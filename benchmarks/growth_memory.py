@@ -194,7 +194,7 @@ def main() -> None:
         if same:
             kept = [r for r in old.get("rows", []) if r["mode"] not in modes]
             rows = kept + rows
-            config["modes"] = ",".join(dict.fromkeys([r["mode"] for r in rows]))
+            config["modes"] = ",".join(m for m in MODES if m in {r["mode"] for r in rows})
     rows.sort(key=lambda r: (list(MODES).index(r["mode"]), r["rank"]))
     result = {"config": config, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
