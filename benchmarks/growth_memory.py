@@ -12,8 +12,11 @@ Default size: hidden 512, 8 layers, vocab 50257 = 51.2 M parameters, grown to 12
     python benchmarks/growth_memory.py                          # the full size (needs ~10 GB, minutes)
     python benchmarks/growth_memory.py --hidden 128 --layers 4 --vocab 8000 --target-layers 6   # quick
 
-Writes ``benchmarks/results/growth_memory.json`` (or ``--out``) and prints one row per mode and rank:
-peak RSS in steady training, during the growth, and their ratio.
+Writes ``benchmarks/results/growth_memory.json`` (or ``--out``; rows of modes not run this time are
+kept from the file when it was written at the same sizes) and prints one row per mode and rank: peak RSS
+in steady training, during the growth, and their ratio. Each row also records ``full_state_mb``: the
+bytes of real (non-meta) tensors in the full state this rank gathered and grew (the gathered model and
+moments, the grown model): under FSDP2 and ZeRO-3 0 on every rank but the main one.
 """
 
 from __future__ import annotations
@@ -67,6 +70,19 @@ class RssSampler:
         return dict(self.peaks)
 
 
+def _real_bytes(obj) -> int:
+    """Bytes of the real (non-meta) tensors of a module (its parameters), a tensor or a nested dict."""
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        return sum(_real_bytes(p) for p in obj.parameters())
+    if isinstance(obj, dict):
+        return sum(_real_bytes(v) for v in obj.values())
+    if isinstance(obj, torch.Tensor) and not obj.is_meta:
+        return obj.numel() * obj.element_size()
+    return 0
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
     import transformers as T
@@ -112,6 +128,7 @@ def worker(args: argparse.Namespace) -> None:
     res = engine.grow(full, lambda m: grow(m, num_layers=args.target_layers, init="function_preserving", seed=0,
                                            verify=False))
     moments = grow_moments(full.moments, res.param_maps) if full.moments is not None else {}
+    full_state_mb = sum(_real_bytes(o) for o in (full.model, full.moments or {}, res.model)) / 2**20
     step = full.step
     del full
     engine.release()
@@ -126,7 +143,8 @@ def worker(args: argparse.Namespace) -> None:
     peaks = sampler.stop()
     row = {"rank": acc.process_index, "engine": engine.kind, "world_size": world, "params": n_params,
            "steady_peak_mb": peaks["steady"] / 2**20, "growth_peak_mb": peaks["growth"] / 2**20,
-           "after_peak_mb": peaks["after"] / 2**20, "steady_s": steady_s, "growth_s": growth_s}
+           "after_peak_mb": peaks["after"] / 2**20, "full_state_mb": full_state_mb, "steady_s": steady_s,
+           "growth_s": growth_s}
     Path(args.worker_out).mkdir(parents=True, exist_ok=True)
     (Path(args.worker_out) / f"rank{acc.process_index}.json").write_text(json.dumps(row))
 
@@ -167,14 +185,25 @@ def main() -> None:
             rows.append(row)
             r.unlink()
         tmp.rmdir()
-    result = {"config": {k: v for k, v in vars(args).items() if k not in ("worker_out", "out")},
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}
+    config = {k: v for k, v in vars(args).items() if k not in ("worker_out", "out")}
+    modes = set(args.modes.split(","))
+    if Path(args.out).is_file():  # keep the other modes' rows of an earlier run at the same sizes
+        old = json.loads(Path(args.out).read_text())
+        same = {k: v for k, v in old.get("config", {}).items() if k != "modes"} == \
+            {k: v for k, v in config.items() if k != "modes"}
+        if same:
+            kept = [r for r in old.get("rows", []) if r["mode"] not in modes]
+            rows = kept + rows
+            config["modes"] = ",".join(m for m in MODES if m in {r["mode"] for r in rows})
+    rows.sort(key=lambda r: (list(MODES).index(r["mode"]), r["rank"]))
+    result = {"config": config, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"{'mode':6} {'rank':>4} {'params':>11} {'steady MB':>10} {'growth MB':>10} {'ratio':>6} {'growth s':>9}")
+    print(f"{'mode':6} {'rank':>4} {'params':>11} {'steady MB':>10} {'growth MB':>10} {'ratio':>6} {'growth s':>9} "
+          f"{'full state MB':>14}")
     for r in rows:
         print(f"{r['mode']:6} {r['rank']:>4} {r['params']:>11,} {r['steady_peak_mb']:>10.0f} {r['growth_peak_mb']:>10.0f} "
-              f"{r['ratio']:>6.2f} {r['growth_s']:>9.2f}")
+              f"{r['ratio']:>6.2f} {r['growth_s']:>9.2f} {r.get('full_state_mb', float('nan')):>14.0f}")
 
 
 if __name__ == "__main__":

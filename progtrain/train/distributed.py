@@ -3,8 +3,11 @@ and its scheduler are wrapped (single process, DDP, DeepSpeed ZeRO-1/2/3), how t
 model and Adam's moments out of them and back in across a growth, and where the optimizer step
 runs. :class:`Engine` puts all of it behind one interface for the training loop; the functions
 below are its parts, usable on their own. FSDP2 (``fully_shard``) is sharded by progtrain itself,
-see :mod:`progtrain.train.fsdp`; there a growth's full state lives on the main process only
-(``gather_full_state(main_only=True)``, :meth:`Engine.grow`) and the other ranks receive their shards.
+see :mod:`progtrain.train.fsdp`. Under FSDP2 and ZeRO-3 a growth's full state lives on the main process
+only (``gather_full_state(main_only=True)``, :meth:`Engine.grow`) and the other ranks receive their
+shards (ZeRO-3: :func:`prepare` partitions the model one parameter at a time, values from the main
+process; :func:`load_moments` broadcasts the main's moments one tensor at a time), so a growth's extra
+memory on those ranks is bounded by the largest parameter, not by the model.
 
 The engine's life cycle around a growth::
 
@@ -251,6 +254,11 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.o
     growth. Call :func:`release` before preparing a grown model. ``empty``: ``model`` is an
     :meth:`Engine.empty_model` whose values a sharded checkpoint loads next (:func:`load_sharded`);
     under FSDP2 nothing is broadcast then.
+
+    Under FSDP2 and ZeRO-3 the values come from the MAIN process: on the other ranks ``model`` may be
+    a meta-device skeleton of the same class and config (:meth:`Engine.grow`), and each parameter is
+    materialised, filled from the main process and sharded in turn (ZeRO-3: :func:`partition_zero3`),
+    so no rank but the main one holds the full model.
     """
     if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise ProgtrainConfigError(f"micro_batch_size={micro_batch_size!r}; give the per-process batch, an int >= 1")
@@ -277,11 +285,139 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.o
         out = accelerator.prepare(optimizer, *([scheduler] if scheduler is not None else []))
         out = (model, *(out if isinstance(out, tuple) else (out,)))
         return out if scheduler is not None else (out[0], out[1], None)
+    if engine_kind(accelerator) == "zero3":
+        partition_zero3(accelerator, model, optimizer, empty=empty)
     objs = [model, optimizer] + ([scheduler] if scheduler is not None else [])
     out = accelerator.prepare(*objs)
     if scheduler is None:
         return out[0], out[1], None
     return tuple(out)
+
+
+def _zero_init_config(accelerator: Accelerator) -> dict:
+    """The run's DeepSpeed config for ``deepspeed.zero.Init``: the plugin's, with the values still
+    ``"auto"`` (filled by accelerate when it builds the engine, none of them read by ``zero.Init``)
+    left out. Call it after :func:`prepare` has written the batch sizes."""
+
+    def drop_auto(d: dict) -> dict:
+        return {k: drop_auto(v) if isinstance(v, dict) else v for k, v in d.items() if v != "auto"}
+
+    return drop_auto(accelerator.state.deepspeed_plugin.deepspeed_config)
+
+
+def _zero_param_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """The dtype DeepSpeed's engine casts the parameters of a model it partitions itself to (fp16 or
+    bf16 when enabled in the DeepSpeed config, accelerate's mixed precision where that says "auto"),
+    or None (kept as they are: fp32)."""
+    cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+    mp = str(accelerator.mixed_precision)
+    for key, dtype, modes in (("fp16", torch.float16, ("fp16",)), ("bf16", torch.bfloat16, ("bf16", "fp8"))):
+        enabled = cfg.get(key, {}).get("enabled", False)
+        if (mp in modes) if enabled == "auto" else str(enabled).lower() == "true":
+            return dtype
+    return None
+
+
+def _on_main(accelerator: Accelerator, fn: Callable[[], object]):
+    """``fn()`` on the main process (None on the others); an exception it raises is raised on every
+    rank (collective: the other ranks would otherwise wait for the main one in the next collective)."""
+    from accelerate.utils import broadcast_object_list
+
+    out, error = None, [None]
+    if accelerator.is_main_process:
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - sent to the other ranks, raised everywhere below
+            error = [e]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(error, from_process=0)
+    if error[0] is not None:
+        raise error[0]
+    return out
+
+
+def partition_zero3(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                    empty: bool = False) -> None:
+    """Partition ``model``'s parameters for DeepSpeed ZeRO-3 in place, one parameter at a time, with
+    the MAIN process's values, before ``accelerator.prepare`` builds the engine on it.
+
+    On the main process ``model`` holds the full weights (fp32, CPU); on the others it may be a
+    :func:`~progtrain.train.fsdp.meta_skeleton` of the same class and config (names and shapes only).
+    Each parameter is materialised (a meta one as an uninitialised tensor of its shape, cast to the
+    run's mixed-precision dtype as DeepSpeed casts a model it partitions itself), then broadcast from
+    the main process and cut to this rank's partition by DeepSpeed (``deepspeed.zero.Init(module=...)``
+    for the first, ``convert_to_zero_parameters`` for the rest: the way DeepSpeed's engine converts a
+    model), so each rank holds one full parameter at a time on top of its partitions. Buffers are
+    broadcast from the main process and moved to the device. A meta parameter is replaced by a new
+    ``Parameter`` (ties kept, ``requires_grad`` kept) and ``optimizer``'s param groups are pointed at
+    it. The engine then finds every parameter partitioned and converts nothing. Parameters already
+    partitioned (built under ``zero.Init``) are left as they are. Collective: every rank calls it.
+
+    ``empty``: the model is an :meth:`Engine.empty_model` on every rank (a sharded checkpoint loads the
+    values next); the main process's uninitialised values are broadcast.
+
+    Raises:
+        ProgtrainConfigError: the ranks' models differ in parameter or buffer names or shapes, or the
+            main process's model has meta parameters outside ``empty``.
+    """
+    import deepspeed
+    from accelerate.utils import broadcast_object_list
+
+    main = accelerator.is_main_process
+    device = accelerator.device
+    cast = _zero_param_dtype(accelerator)
+    slots: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    order: list[tuple[str, torch.nn.Parameter]] = []
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) not in slots:
+                slots[id(p)] = []
+                order.append((f"{mname}.{pname}" if mname else pname, p))
+            slots[id(p)].append((module, pname))
+    buffers = list(model.named_buffers())
+    mine = ([(n, tuple(p.shape)) for n, p in order], [(n, tuple(b.shape)) for n, b in buffers])
+
+    def main_layout():
+        if not empty and any(p.is_meta for _, p in order):
+            raise ProgtrainConfigError(
+                "the main process's model has parameters on the meta device; under ZeRO-3 it must hold the "
+                "values (the other ranks may pass a skeleton), or prepare it with empty=True")
+        return mine, [b.dtype for _, b in buffers]
+
+    layout = [_on_main(accelerator, main_layout)]
+    broadcast_object_list(layout, from_process=0)
+    (want, buffer_dtypes) = layout[0]
+    if want != mine:
+        raise ProgtrainConfigError(
+            f"ZeRO-3: this rank's model ({type(model).__name__}) has other parameters or buffers than the main "
+            f"process's; every rank must prepare the same class and config (the main process's values are used)")
+    replaced: dict[int, torch.nn.Parameter] = {}
+    first = None
+    for _, p in order:
+        if hasattr(p, "ds_id"):
+            continue
+        if p.is_meta:
+            new = torch.nn.Parameter(torch.empty(p.shape, dtype=cast if cast and p.is_floating_point() else p.dtype,
+                                                 device=device), requires_grad=p.requires_grad)
+            for module, pname in slots[id(p)]:
+                module._parameters[pname] = new
+            replaced[id(p)] = p = new
+        elif cast is not None and p.is_floating_point() and p.dtype != cast:
+            p.data = p.data.to(cast)
+        if first is None:  # DeepSpeed's converter (config, process group, offload device) lives on its params
+            holder = torch.nn.Module()
+            holder.register_parameter("p", p)
+            deepspeed.zero.Init(module=holder, config_dict_or_path=_zero_init_config(accelerator))
+            first = p
+        else:  # broadcast from the main process, keep this rank's partition, free the full tensor
+            first.convert_to_zero_parameters(param_list=[p])
+    for group in optimizer.param_groups:
+        group["params"] = [replaced.get(id(p), p) for p in group["params"]]
+    with torch.no_grad():
+        for (name, b), dtype in zip(buffers, buffer_dtypes):
+            full = fsdp._broadcast_from_main(b if main else None, tuple(b.shape), dtype, device)
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = full
 
 
 def release(accelerator: Accelerator, *objects) -> tuple:
@@ -292,7 +428,15 @@ def release(accelerator: Accelerator, *objects) -> tuple:
     accelerate's list of them is emptied, which ``save_state`` alone reads). ``free_memory`` also
     resets the accumulation counter ``accelerator.step`` to 0; a growth happens between optimizer
     steps, where that counter is a multiple of ``gradient_accumulation_steps``, so the micro-batches
-    on which gradients sync do not move."""
+    on which gradients sync do not move.
+
+    The optimizers' Adam state is cleared first: a released DeepSpeed ZeRO-3 engine and its optimizer
+    stay alive after ``free_memory`` (measured with ``gc`` under DeepSpeed 0.19.8: reachable only
+    through references ``gc`` cannot follow), and their moments would otherwise outlive the rebuild."""
+    for obj in objects:
+        base = _base_optimizer(obj) if obj is not None else None
+        if isinstance(base, torch.optim.Optimizer):
+            base.state.clear()
     return tuple(accelerator.free_memory(*objects))
 
 
@@ -387,8 +531,22 @@ def _rebuilt_model(unwrapped: PreTrainedModel, values: dict[str, torch.Tensor]) 
     return fresh
 
 
-def _ds_full_params(unwrapped: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: _full_ds_tensor(p, None) for name, p in _named_params(unwrapped)}
+def _ds_full_params(unwrapped: torch.nn.Module, *, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Every parameter's full fp32 CPU value by name, gathered one at a time (collective); with
+    ``keep`` False each is dropped once gathered (a rank that only takes part) and ``{}`` returned."""
+    values = {}
+    for name, p in _named_params(unwrapped):
+        t = _full_ds_tensor(p, None)
+        if keep:
+            values[name] = t
+        del t
+    return values
+
+
+def _grows_on_main(accelerator: Accelerator) -> bool:
+    """Whether a growth's full state is built on the main process only (the engines that shard the
+    parameters: FSDP2, ZeRO-3); the others keep full parameters on every rank and grow everywhere."""
+    return _is_fsdp2(accelerator) or engine_kind(accelerator) == "zero3"
 
 
 def gather_full_state(accelerator: Accelerator, model: torch.nn.Module, optimizer, *,
@@ -396,10 +554,10 @@ def gather_full_state(accelerator: Accelerator, model: torch.nn.Module, optimize
     """Collect the full model (fp32, CPU, a copy), full Adam moments by parameter name and the step
     count, on every rank. Collective under DeepSpeed and FSDP2: every rank must call it.
 
-    ``main_only``: under FSDP2 the full state is built on the main process only, gathered one
-    parameter (and its moments) at a time; the other ranks get a meta-device skeleton of the model
-    (names and shapes, no memory) and ``moments=None``. Ignored by the other engines (every rank
-    gets the full state)."""
+    ``main_only``: under FSDP2 and ZeRO-3 the full state is built on the main process only, gathered
+    one parameter (and its moments) at a time; the other ranks take part in each gather, drop the
+    tensor, and get a meta-device skeleton of the model (names and shapes, no memory) and
+    ``moments=None``. Ignored by the other engines (every rank gets the full state)."""
     _no_fsdp(accelerator, "gather_full_state")
     unwrapped = accelerator.unwrap_model(model)
     base = _base_optimizer(optimizer)
@@ -407,8 +565,9 @@ def gather_full_state(accelerator: Accelerator, model: torch.nn.Module, optimize
     step = _state_step(accelerator, base)
     named = _named_params(unwrapped)
     moments: dict[str, dict[str, torch.Tensor]] = {}
+    keep = accelerator.is_main_process or not (main_only and _grows_on_main(accelerator))
+    skeleton = None if keep else fsdp.meta_skeleton(fsdp.plain_class(unwrapped), unwrapped.config, like=unwrapped)
     if _is_fsdp2(accelerator):  # one parameter and its moments at a time (collective gathers)
-        keep = accelerator.is_main_process or not main_only
         values = {}
         for name, p in named:
             st = base.state.get(p, {})
@@ -421,20 +580,21 @@ def gather_full_state(accelerator: Accelerator, model: torch.nn.Module, optimize
                     else:
                         moments.setdefault(name, {})[key] = t
                 del t
-        if not keep:
-            return FullState(model=fsdp.meta_skeleton(fsdp.plain_class(unwrapped), unwrapped.config, like=unwrapped),
-                             moments=None, step=step)
-        full = _rebuilt_model(unwrapped, values)
-    elif _is_deepspeed(accelerator):
-        full = _rebuilt_model(unwrapped, _ds_full_params(unwrapped))
+    elif _is_deepspeed(accelerator):  # one parameter, then its moments, at a time (collective gathers)
+        values = _ds_full_params(unwrapped, keep=keep)
         if step > 0:
             _link_zero12_state(getattr(optimizer, "optimizer", optimizer), base)
         for name, p in named:
             if step == 0 or not p.requires_grad:
-                shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-                moments[name] = {k: torch.zeros(shape, dtype=torch.float32) for k in MOMENT_KEYS}
-            else:
-                moments[name] = {k: _full_ds_tensor(p, k) for k in MOMENT_KEYS}
+                if keep:
+                    shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+                    moments[name] = {k: torch.zeros(shape, dtype=torch.float32) for k in MOMENT_KEYS}
+                continue
+            for k in MOMENT_KEYS:
+                t = _full_ds_tensor(p, k)
+                if keep:
+                    moments.setdefault(name, {})[k] = t
+                del t
     else:
         full = copy.deepcopy(unwrapped).float().cpu()
         for name, p in named:
@@ -443,6 +603,12 @@ def gather_full_state(accelerator: Accelerator, model: torch.nn.Module, optimize
                 k: (st[k].detach().float().cpu().clone() if k in st else torch.zeros(p.shape, dtype=torch.float32))
                 for k in MOMENT_KEYS
             }
+        return FullState(model=full, moments=moments, step=step)
+    if not keep:
+        _on_main(accelerator, lambda: None)  # the main process's rebuild below may fail: wait for its word
+        return FullState(model=skeleton, moments=None, step=step)
+    rebuild = lambda: _rebuilt_model(unwrapped, values)  # noqa: E731
+    full = _on_main(accelerator, rebuild) if main_only and _grows_on_main(accelerator) else rebuild()
     return FullState(model=full, moments=moments, step=step)
 
 
@@ -484,7 +650,8 @@ def load_moments(accelerator: Accelerator, model: torch.nn.Module, optimizer,
     """After :func:`prepare`, write full moments (``{param name: {"exp_avg", "exp_avg_sq"}}``, full
     shapes) into the possibly partitioned optimizer state and set Adam's step count to ``step``.
     Parameters absent from ``moments`` get zero moments. Collective under DeepSpeed and FSDP2; under
-    FSDP2 the main process's ``moments`` are used (the others may pass ``{}``)."""
+    FSDP2 and ZeRO-3 the main process's ``moments`` are used (the others may pass ``{}``): each tensor
+    is broadcast from it in turn and cut to this rank's shard, one full tensor in memory at a time."""
     _no_fsdp(accelerator, "load_moments")
     unwrapped = accelerator.unwrap_model(model)
     base = _base_optimizer(optimizer)
@@ -503,12 +670,22 @@ def load_moments(accelerator: Accelerator, model: torch.nn.Module, optimizer,
                 st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
         st["step"] = _step_tensor(st.get("step"), step)
 
-    if _is_fsdp2(accelerator):  # the main process's moments, broadcast and sharded one tensor at a time
+    present = None
+    if _grows_on_main(accelerator):  # the main process's moments, broadcast one tensor at a time
         from accelerate.utils import broadcast_object_list
 
         present = [sorted((n, k) for n, per in moments.items() for k in per) if accelerator.is_main_process else None]
         broadcast_object_list(present, from_process=0)
         present = set(present[0])
+
+    def main_moment(name: str, k: str) -> torch.Tensor:
+        """The main process's full fp32 moment ``k`` of ``name`` on every rank (zeros when it has none)."""
+        if (name, k) not in present:
+            return torch.zeros(shapes[name], dtype=torch.float32, device=accelerator.device)
+        value = moments[name][k].detach().float() if accelerator.is_main_process else None
+        return fsdp._broadcast_from_main(value, shapes[name], torch.float32, accelerator.device)
+
+    if _is_fsdp2(accelerator):
         for name, p in named:
             if not p.requires_grad:
                 continue
@@ -532,10 +709,13 @@ def load_moments(accelerator: Accelerator, model: torch.nn.Module, optimizer,
                 continue
             per = moments.get(name, {})
             for k in keys:
-                value = per.get(k)
-                if value is None:
-                    value = torch.zeros(shapes[name], dtype=torch.float32)
+                if present is not None:  # ZeRO-3
+                    value = main_moment(name, k)
+                else:
+                    value = per.get(k)
+                    value = torch.zeros(shapes[name], dtype=torch.float32) if value is None else value
                 safe_set_full_optimizer_state(p, value.detach().float().to(accelerator.device), k)
+                del value
     else:
         for name, p in named:
             if not p.requires_grad:
@@ -572,8 +752,8 @@ def full_model_for_save(accelerator: Accelerator, model: torch.nn.Module) -> Pre
         unwrapped = accelerator.unwrap_model(model)
         return _rebuilt_model(unwrapped, {k: v.float().cpu() for k, v in state.items()})
     unwrapped = accelerator.unwrap_model(model)
-    if _is_deepspeed(accelerator):
-        values = _ds_full_params(unwrapped)
+    if _is_deepspeed(accelerator):  # gathered one parameter at a time, kept on the main process only
+        values = _ds_full_params(unwrapped, keep=accelerator.is_main_process)
         return _rebuilt_model(unwrapped, values) if accelerator.is_main_process else None
     return unwrapped if accelerator.is_main_process else None
 
@@ -793,10 +973,11 @@ class Engine:
     def empty_model(self, cls: type, config) -> PreTrainedModel:
         """A ``cls(config)`` to :meth:`prepare` with ``empty=True`` before :meth:`load_sharded`: no
         initialisation and no random numbers drawn (a resumed run's RNG streams stay as restored),
-        buffers computed as the class does. Under FSDP2 its parameters are on the meta device (no
-        memory); under ZeRO-3, which partitions real tensors, uninitialised CPU tensors."""
+        buffers computed as the class does. Under FSDP2 and ZeRO-3 its parameters are on the meta
+        device (no memory; :meth:`prepare` materialises them one at a time as it shards them); under
+        the other engines uninitialised CPU tensors."""
         model = fsdp.meta_skeleton(cls, config, include_buffers=False)
-        if self.kind != "fsdp2":
+        if self.kind not in SHARDED_KINDS:
             for module in model.modules():
                 for name, p in list(module.named_parameters(recurse=False)):
                     if p.is_meta:
@@ -812,18 +993,19 @@ class Engine:
 
     def gather_full_state(self, *, main_only: bool = False) -> FullState:
         """:func:`gather_full_state` of the prepared model and optimizer (collective); ``main_only``:
-        under FSDP2 only the main process builds the full state (see :meth:`grow`)."""
+        under FSDP2 and ZeRO-3 only the main process builds the full state (see :meth:`grow`)."""
         return gather_full_state(self.accelerator, self.model, self.optimizer, main_only=main_only)
 
     def grow(self, full: FullState, grow_fn: Callable[[PreTrainedModel], object]):
         """``grow_fn(full.model)`` (a :class:`~progtrain.growth.GrowthResult`) on every rank, or, under
-        FSDP2 (``full`` from ``gather_full_state(main_only=True)``), on the main process only: the
-        others receive the result with a meta-device skeleton of the grown model (no memory), and
-        :meth:`prepare` fills their shards from the main process one parameter at a time. Collective.
+        FSDP2 and ZeRO-3 (``full`` from ``gather_full_state(main_only=True)``), on the main process
+        only: the others receive the result with a meta-device skeleton of the grown model (no
+        memory), and :meth:`prepare` fills their shards from the main process one parameter at a time.
+        Collective.
 
         Raises:
             whatever ``grow_fn`` raises, on every rank."""
-        if not _is_fsdp2(self.accelerator):
+        if not _grows_on_main(self.accelerator):
             return grow_fn(full.model)
         import dataclasses
 

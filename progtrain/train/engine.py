@@ -605,7 +605,7 @@ class ProgressiveTrainer:
         st = cfg.stages[idx - 1]
         before = self._eval() if self.val_dl is not None else None
         t0 = time.perf_counter()
-        full = self.engine.gather_full_state(main_only=True)  # FSDP2: only the main process holds it
+        full = self.engine.gather_full_state(main_only=True)  # FSDP2, ZeRO-3: only the main process holds it
         res = self.engine.grow(full, lambda model: self._grow_model(model, st, idx))
         moments = grow_moments(full.moments, res.param_maps, mode=st.moments) if full.moments is not None else {}
         old_shapes = {n: tuple(p.shape) for n, p in full.model.named_parameters()}
@@ -626,7 +626,8 @@ class ProgressiveTrainer:
         self._build(res.model, moments, step)
         del moments
         self._enter_stage(res.model)
-        res.model = None  # the engine holds the grown model (FSDP2: a sharded copy; the full one is freed here)
+        # the engine holds the grown model (FSDP2: a sharded copy, ZeRO-3: partitioned in place); the full one is freed
+        res.model = None
         growth_s = time.perf_counter() - t0  # gather, grow, optimizer surgery, rebuild; not the two evaluations
         after = self._eval() if self.val_dl is not None else None
         # exact: the grown model's measured deviation without masks; masked: new structure enters through masks
