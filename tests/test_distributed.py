@@ -124,6 +124,8 @@ RECIPE_OVERRIDES = {  # the default tiny GPT-2 run, shrunk: 6 steps, growth (wid
     "train.max_steps": 6, "train.batch_size": 8, "train.eval_interval": 3, "train.eval_batches": 2,
     "train.checkpoint_interval": 0, "train.log_interval": 1, "data.max_chars": 60000, "data.vocab_size": 300,
     "data.seq_len": 32, "data.val_fraction": 0.05, "stages.0.start_step": 2, "stages.1.start_step": 4,
+    # the main job widens with `random` (not exact); these tests check function preservation on 2 processes
+    "stages.0.init": "function_preserving",
     # per-element update scales (applied around DeepSpeed's in-backward step under ZeRO-2): the new
     # FFN units' updates ramp from 0 after the first growth, LR rebalancing after the second
     "stages.0.born_warmup_steps": 2, "stages.1.lr_scales": "{mode: norm_ratio}",

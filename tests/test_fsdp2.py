@@ -27,6 +27,8 @@ OVERRIDES = {
     "train.max_steps": 6, "train.batch_size": 8, "train.eval_interval": 3, "train.eval_batches": 2,
     "train.checkpoint_interval": 0, "train.log_interval": 1, "data.max_chars": 60000, "data.vocab_size": 300,
     "data.seq_len": 32, "data.val_fraction": 0.05, "stages.0.start_step": 2, "stages.1.start_step": 4,
+    # the main job widens with `random` (not exact); these tests check function preservation on 2 processes
+    "stages.0.init": "function_preserving",
 }
 
 

@@ -928,6 +928,20 @@ class Engine:
                 f"parameters on every rank; {self.kind} shards them: use DDP or ZeRO-1/2, or remove those stage options"
             )
 
+    def check_trainable(self, trainable: str | tuple) -> None:
+        """Refuse frozen parameters (``train.trainable`` other than ``all``) where the growth's optimizer
+        surgery does not handle them: DeepSpeed and FSDP keep sharded optimizer state.
+
+        Raises:
+            ProgtrainConfigError: ``trainable`` is not ``all`` and the engine is neither one process nor DDP."""
+        if trainable != "all" and self.kind not in ("single", "ddp"):
+            shown = trainable if isinstance(trainable, str) else list(trainable)
+            raise ProgtrainConfigError(
+                f"train.trainable={shown} is supported on one process and under DDP, not under {self.kind} (frozen "
+                f"parameters in sharded optimizer state are not handled by progtrain's growth surgery yet): launch "
+                f"without DeepSpeed/FSDP, or use trainable: all"
+            )
+
     # .................................................................. life cycle
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
                 micro_batch_size: int, empty: bool = False) -> tuple:

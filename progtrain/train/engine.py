@@ -404,13 +404,7 @@ class ProgressiveTrainer:
             torch.set_num_threads(self.threads)
         if any(s.lr_scales or s.born_warmup_steps or s.match_dynamics for s in cfg.stages):
             self.engine.check_update_scales()
-        if cfg.train.trainable != "all" and self.engine.kind not in ("single", "ddp"):
-            raise ProgtrainConfigError(
-                f"train.trainable={cfg.train.trainable if isinstance(cfg.train.trainable, str) else list(cfg.train.trainable)} "
-                f"is supported on one process and under DDP, not under {self.engine.kind} (frozen parameters in "
-                f"sharded optimizer state are not handled by progtrain's growth surgery yet): launch without "
-                f"DeepSpeed/FSDP, or use trainable: all"
-            )
+        self.engine.check_trainable(cfg.train.trainable)
         self.starts = cfg.stage_starts()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
