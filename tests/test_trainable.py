@@ -238,3 +238,10 @@ def test_minilm_expand_recipe_short(minilm_path, tmp_path):
     evals = [m["val_loss"] for m in metrics if m["event"] == "eval"]
     assert evals[-1] < growth["val_loss_after"], (growth, evals)
     assert summary["final"]["val_loss"] == evals[-1]
+    # the faded-in growth: the record and card give the unmasked deviation and say the masks ramped in,
+    # with the measured losses, instead of advising the fade-in the run used
+    rec = history[-1]
+    assert rec["exact"] is False and rec["mask_steps"] == 2
+    assert any("entered through masks ramped 0 -> 1 over 2 steps" in n for n in rec["notes"])
+    card = (final / "README.md").read_text()
+    assert "fade_in_steps: N" not in card and "entered through masks" in card

@@ -629,9 +629,19 @@ class ProgressiveTrainer:
                   masked=state.masks is not None,
                   params=self.n_params, sizes=res.target_sizes.as_dict(), deviation=(res.deviation or {}).get("rel"),
                   growth_s=round(growth_s, 4))
+        ramp = (st.mask_steps or st.fade_in_steps) if state.masks is not None else 0
+        if ramp and not res.exact:  # the record says what the run did: the unmasked deviation, then the masks
+            rec = state.history[-1]
+            rec["mask_steps"] = ramp
+            measured = f"; validation loss right before / after the growth {before:.4f} / {after:.4f}" if before is not None else ""
+            rec["notes"] = [n for n in rec.get("notes") or [] if "fade_in_steps" not in n] + [
+                f"the deviation is the unmasked grown model's: in training the new structure entered through masks "
+                f"ramped 0 -> 1 over {ramp} steps{measured}"]
         if self.acc.is_main_process:
+            dev = f"deviation {(res.deviation or {}).get('rel', float('nan')):.2e}"
             console.info("step %d: grew to stage %d (%s), %s parameters, %s%s", state.step, idx, st.name,
-                         f"{self.n_params:,}", "exact" if res.exact else f"deviation {(res.deviation or {}).get('rel', float('nan')):.2e}",
+                         f"{self.n_params:,}", "exact" if res.exact else (f"{dev} unmasked, masks ramp over {ramp} steps"
+                                                                          if ramp else dev),
                          f"; val loss {before:.4f} -> {after:.4f}" if before is not None else "")
         self._checkpoint(boundary=True, full=grown)
 
