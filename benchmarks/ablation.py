@@ -279,10 +279,9 @@ def _train(cfg: Any, log_path: Path, quiet: bool = True, **kw: Any) -> dict:
         return train(cfg, **kw)
 
 
-def run_seed(base: dict, seed: int, arms: Sequence[Arm], steps_before: int, steps_after: int, work: Path,
-             bar: Any = None, quiet: bool = True) -> tuple[dict[str, dict], dict]:
-    """Train the small model once, then grow and continue a copy of it with every arm. Returns
-    ``{arm: result}`` (``{"error": ...}`` for an arm that raised) and the small run's info."""
+def train_small(base: dict, seed: int, steps_before: int, steps_after: int, work: Path, quiet: bool = True) -> dict:
+    """Train seed ``seed``'s small model to the growth step into ``work/seed<k>/small`` (a fresh
+    ``work/seed<k>``); returns its wall seconds and evaluation curve ``[(step, val_loss)]``."""
     from progtrain.train.config import from_dict
 
     root = work / f"seed{seed}"
@@ -293,9 +292,20 @@ def run_seed(base: dict, seed: int, arms: Sequence[Arm], steps_before: int, step
     t0 = time.perf_counter()
     _train(from_dict(run_dict(base, seed, steps_before, steps_after, small, None)), root / "small.log", quiet,
            stop_at_step=steps_before)
-    small_rows = read_rows(small / "metrics.jsonl")
-    small_info = {"wall_s": round(time.perf_counter() - t0, 1), "curve": [
-        (int(r["step"]), float(r["val_loss"])) for r in small_rows if r.get("event") == "eval" and r.get("val_loss") is not None]}
+    rows = read_rows(small / "metrics.jsonl")
+    return {"wall_s": round(time.perf_counter() - t0, 1), "curve": [
+        (int(r["step"]), float(r["val_loss"])) for r in rows if r.get("event") == "eval" and r.get("val_loss") is not None]}
+
+
+def run_seed(base: dict, seed: int, arms: Sequence[Arm], steps_before: int, steps_after: int, work: Path,
+             bar: Any = None, quiet: bool = True) -> tuple[dict[str, dict], dict]:
+    """Train the small model once, then grow and continue a copy of it with every arm. Returns
+    ``{arm: result}`` (``{"error": ...}`` for an arm that raised) and the small run's info."""
+    from progtrain.train.config import from_dict
+
+    small_info = train_small(base, seed, steps_before, steps_after, work, quiet)
+    root = work / f"seed{seed}"
+    small = root / "small"
     logger.info("seed %d: small model trained to step %d in %.1f s", seed, steps_before, small_info["wall_s"])
     out: dict[str, dict] = {}
     max_steps = steps_before + steps_after
@@ -304,8 +314,9 @@ def run_seed(base: dict, seed: int, arms: Sequence[Arm], steps_before: int, step
         shutil.copytree(small, run)
         t1 = time.perf_counter()
         try:
+            # the arm branches off the small model's checkpoint with its own stage: a deliberate config change
             _train(from_dict(run_dict(base, seed, steps_before, steps_after, run, arm)), root / f"{arm.name}.log", quiet,
-                   resume=True)
+                   resume=True, allow_config_change=True)
             hist_file = run / "final" / "progtrain_growth.json"
             hist = json.loads(hist_file.read_text()) if hist_file.exists() else []
             hist = hist.get("history", hist) if isinstance(hist, dict) else hist

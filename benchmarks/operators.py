@@ -28,7 +28,6 @@ Writes ``<out>/operators.json`` (key ``arms``: one object per arm with ``name``,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime as dt
 import json
@@ -47,7 +46,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import ablation  # noqa: E402  (the shared harness: reading runs, aggregation, table helpers)
-from progtrain.benchmark import machine_info, mean_std, write_report  # noqa: E402
+from progtrain.benchmark import machine_info, write_report  # noqa: E402
 
 DEFAULT_CONFIG = HERE / "configs" / "operators.yaml"
 UNAVAILABLE = "option not available"
@@ -184,21 +183,8 @@ def _setup_worker(verbose: bool, threads: int) -> None:
 
 
 def train_small(base: dict, seed: int, steps_before: int, steps_after: int, work: Path, quiet: bool = True) -> dict:
-    """Train seed ``seed``'s small model to the growth step into ``work/seed<k>/small``; returns its
-    wall seconds and evaluation curve."""
-    from progtrain.train.config import from_dict
-
-    root = work / f"seed{seed}"
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    small = root / "small"
-    t0 = time.perf_counter()
-    ablation._train(from_dict(run_dict(base, seed, steps_before, steps_after, small, None)), root / "small.log", quiet,
-                    stop_at_step=steps_before)
-    rows = ablation.read_rows(small / "metrics.jsonl")
-    return {"wall_s": round(time.perf_counter() - t0, 1), "curve": [
-        (int(r["step"]), float(r["val_loss"])) for r in rows if r.get("event") == "eval" and r.get("val_loss") is not None]}
+    """:func:`ablation.train_small` (a module-level name here, so worker processes can call it by name)."""
+    return ablation.train_small(base, seed, steps_before, steps_after, work, quiet)
 
 
 def run_arm(base: dict, seed: int, arm: dict, steps_before: int, steps_after: int, work: Path, quick: bool = False,
@@ -215,7 +201,8 @@ def run_arm(base: dict, seed: int, arm: dict, steps_before: int, steps_after: in
     t1 = time.perf_counter()
     try:
         d = run_dict(base, seed, steps_before, steps_after, run, arm, quick)
-        ablation._train(from_dict(d), root / f"{arm['name']}.log", quiet, resume=True)
+        # the arm branches off the small model's checkpoint with its own stage: a deliberate config change
+        ablation._train(from_dict(d), root / f"{arm['name']}.log", quiet, resume=True, allow_config_change=True)
         hist_file = run / "final" / "progtrain_growth.json"
         hist = json.loads(hist_file.read_text()) if hist_file.exists() else []
         hist = hist.get("history", hist) if isinstance(hist, dict) else hist

@@ -252,3 +252,14 @@ def test_operators_json_schema_and_table():
     assert "failed: ValueError: x" in table
     text = " ".join(ops.findings(rows, "function_preserving"))
     assert "Not run (option not available in this progtrain): `moments_carry`." in text
+
+
+def test_league_arms_branch_off_the_small_checkpoint_with_their_own_stage(tmp_path):
+    """Each arm resumes the shared small model's checkpoint with a stage config that differs from the
+    small run's (another init): the harness must allow that change, or every arm but the reference
+    fails on the resume check (it did)."""
+    ops.main(["--quick", "--seeds", "7", "--arms", "function_preserving", "random", "--jobs", "1",
+              "--work-dir", str(tmp_path)])
+    arms = {a["name"]: a for a in json.loads((tmp_path / "quick" / "operators.json").read_text())["arms"]}
+    assert arms["random"]["status"] == "ok" and arms["function_preserving"]["status"] == "ok", arms
+    assert arms["random"]["val_loss_after"]["mean"] != arms["random"]["val_loss_before"]["mean"]  # really random
